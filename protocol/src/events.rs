@@ -1,0 +1,254 @@
+//! Events: worker reports to the coordinator (`worker.<id>.<kind>`) and the
+//! public operation events clients follow (`operation.<id>.<event>`).
+//!
+//! Worker reports are applied idempotently: a duplicate changes nothing, and
+//! reports from a run that no longer owns its chunk are ignored (fencing).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::archive::{KeyRange, PartInfo, SnapshotFacts, Totals};
+use crate::message_family;
+use crate::plan::EntitySpec;
+use crate::progress::ProgressReport;
+
+/// An entity was planned: its key type is known and its ranges chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityPlanned {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// The entity with its key type resolved.
+    pub entity: EntitySpec,
+    /// Rows in scope, counted inside the snapshot.
+    pub rows_total: u64,
+    /// Key ranges, in key order, covering the whole key space.
+    pub ranges: Vec<KeyRange>,
+    /// The shared snapshot, under `snapshot` consistency.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotFacts>,
+}
+
+/// An entity could not be planned (missing table, bad key, unsupported type...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityFailed {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Short stable code.
+    pub code: String,
+    /// What went wrong, naming the table or column.
+    pub error: String,
+}
+
+/// A worker asks to own a chunk; the coordinator replies with [`ChunkClaim`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimChunk {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Chunk number.
+    pub chunk: u32,
+    /// Publication attempt of the job being run.
+    pub attempt: u32,
+    /// Unique id of this run of the job; part paths carry it (fencing token).
+    pub run: String,
+    /// Worker id, for status and logs.
+    pub worker: String,
+}
+
+/// The coordinator's answer to [`ClaimChunk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkClaim {
+    /// Whether the run now owns the chunk. When false, drop the job.
+    pub granted: bool,
+    /// Why not, when refused.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Parts already durable for this chunk: continue after the last one.
+    #[serde(default)]
+    pub resume_after: Option<ResumePoint>,
+    /// Seconds the claim lasts without news from the run.
+    #[serde(default)]
+    pub lease_seconds: u64,
+}
+
+/// Where a chunk continues: after `last_key`, numbering parts from `next_part`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// Last key durably written.
+    pub last_key: String,
+    /// Number of the next part.
+    pub next_part: u32,
+    /// Rows already durable in the chunk.
+    pub rows: u64,
+}
+
+/// Rows streamed by a run since its last durable part (for live progress).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkProgress {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Chunk number.
+    pub chunk: u32,
+    /// Run id.
+    pub run: String,
+    /// Rows streamed and not yet in a durable part.
+    pub rows_pending: u64,
+    /// Bytes of JSON lines not yet in a durable part.
+    pub raw_bytes_pending: u64,
+}
+
+/// A part is durable in storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartWritten {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Chunk number.
+    pub chunk: u32,
+    /// Run id.
+    pub run: String,
+    /// The part.
+    pub part: PartInfo,
+}
+
+/// Every row of the chunk's range is in durable parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkDone {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Chunk number.
+    pub chunk: u32,
+    /// Run id.
+    pub run: String,
+    /// Number of parts the chunk has (all runs together).
+    pub parts: u32,
+}
+
+/// A run of a chunk failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkFailed {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Entity name.
+    pub entity: String,
+    /// Chunk number.
+    pub chunk: u32,
+    /// Run id.
+    pub run: String,
+    /// Short stable code.
+    pub code: String,
+    /// What went wrong.
+    pub error: String,
+    /// False when retrying cannot help: the operation fails.
+    pub retryable: bool,
+}
+
+/// The manifest is written: the backup is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestWritten {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Manifest path.
+    pub path: String,
+    /// Totals as written.
+    pub totals: Totals,
+}
+
+/// The manifest could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalizeFailed {
+    /// Operation.
+    pub operation_id: Uuid,
+    /// Short stable code.
+    pub code: String,
+    /// What went wrong.
+    pub error: String,
+    /// False when retrying cannot help.
+    pub retryable: bool,
+}
+
+message_family! {
+    /// A report from a worker to the coordinator.
+    pub enum WorkerEvent: "worker event" {
+        /// `entity_planned`.
+        EntityPlanned(EntityPlanned) = "entity_planned",
+        /// `entity_failed`.
+        EntityFailed(EntityFailed) = "entity_failed",
+        /// `claim_chunk` (request; the reply is a [`ClaimReply`]).
+        ClaimChunk(ClaimChunk) = "claim_chunk",
+        /// `chunk_progress`.
+        ChunkProgress(ChunkProgress) = "chunk_progress",
+        /// `part_written`.
+        PartWritten(PartWritten) = "part_written",
+        /// `chunk_done`.
+        ChunkDone(ChunkDone) = "chunk_done",
+        /// `chunk_failed`.
+        ChunkFailed(ChunkFailed) = "chunk_failed",
+        /// `manifest_written`.
+        ManifestWritten(ManifestWritten) = "manifest_written",
+        /// `finalize_failed`.
+        FinalizeFailed(FinalizeFailed) = "finalize_failed",
+    }
+}
+
+impl WorkerEvent {
+    /// The operation the report belongs to.
+    pub fn operation_id(&self) -> Uuid {
+        match self {
+            Self::EntityPlanned(event) => event.operation_id,
+            Self::EntityFailed(event) => event.operation_id,
+            Self::ClaimChunk(event) => event.operation_id,
+            Self::ChunkProgress(event) => event.operation_id,
+            Self::PartWritten(event) => event.operation_id,
+            Self::ChunkDone(event) => event.operation_id,
+            Self::ChunkFailed(event) => event.operation_id,
+            Self::ManifestWritten(event) => event.operation_id,
+            Self::FinalizeFailed(event) => event.operation_id,
+        }
+    }
+}
+
+message_family! {
+    /// The coordinator's reply to a worker request.
+    pub enum ClaimReply: "claim reply" {
+        /// `chunk_claim`.
+        ChunkClaim(ChunkClaim) = "chunk_claim",
+    }
+}
+
+message_family! {
+    /// A public event of one operation; every kind carries the full progress report.
+    pub enum OperationEvent: "operation event" {
+        /// `progress`.
+        Progress(ProgressReport) = "progress",
+        /// `completed`: the manifest is written; percent is 100.
+        Completed(ProgressReport) = "completed",
+        /// `failed`: `error` says why.
+        Failed(ProgressReport) = "failed",
+        /// `paused`.
+        Paused(ProgressReport) = "paused",
+        /// `cancelled`.
+        Cancelled(ProgressReport) = "cancelled",
+    }
+}
+
+impl OperationEvent {
+    /// The progress report carried by every kind.
+    pub fn report(&self) -> &ProgressReport {
+        match self {
+            Self::Progress(report)
+            | Self::Completed(report)
+            | Self::Failed(report)
+            | Self::Paused(report)
+            | Self::Cancelled(report) => report,
+        }
+    }
+}
