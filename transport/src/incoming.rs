@@ -1,0 +1,188 @@
+//! Deliveries and the decisions taken on them.
+
+use futures::StreamExt;
+use lapin::Acker;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use tracing::warn;
+
+use koan_protocol::topology::{DEAD_EXCHANGE, DEAD_REASON_HEADER, DEAD_SOURCE_HEADER};
+
+use crate::broker::Broker;
+use crate::error::TransportError;
+use crate::outgoing::Outgoing;
+
+/// A consumer on one queue.
+#[derive(Debug)]
+pub struct Subscription {
+    channel: Channel,
+    consumer: Consumer,
+    queue: String,
+}
+
+impl Subscription {
+    pub(crate) fn new(channel: Channel, consumer: Consumer, queue: String) -> Self {
+        Self {
+            channel,
+            consumer,
+            queue,
+        }
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery; an error when the channel or connection closed.
+    pub async fn next(&mut self) -> Result<Incoming, TransportError> {
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => Ok(Incoming::new(delivery, &self.queue)),
+            Some(Err(source)) => Err(TransportError::Amqp {
+                operation: "basic.deliver",
+                source,
+            }),
+            None => Err(TransportError::ConsumerClosed {
+                queue: self.queue.clone(),
+            }),
+        }
+    }
+
+    /// Stops consuming: no new deliveries; unacked ones can still be acked.
+    pub async fn cancel(&self) {
+        if let Err(error) = self
+            .channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            warn!(%error, queue = %self.queue, "cancelling consumer");
+        }
+    }
+
+    /// Closes the channel; unacked deliveries go back to the queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// One delivery.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The body.
+    pub payload: Vec<u8>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// `reply_to` property.
+    pub reply_to: Option<String>,
+    /// `correlation_id` property.
+    pub correlation_id: Option<String>,
+    /// `message_id` property.
+    pub message_id: Option<String>,
+    /// Whether the broker delivered it before.
+    pub redelivered: bool,
+    /// Earlier deliveries of this message (quorum queues' `x-delivery-count`).
+    pub delivery_count: u32,
+    /// Queue it came from.
+    pub queue: String,
+    headers: FieldTable,
+    acker: Acker,
+}
+
+impl Incoming {
+    fn new(delivery: lapin::message::Delivery, queue: &str) -> Self {
+        let properties = &delivery.properties;
+        let headers = properties.headers().clone().unwrap_or_default();
+        let delivery_count = headers
+            .inner()
+            .get("x-delivery-count")
+            .and_then(integer)
+            .unwrap_or(0);
+        Self {
+            kind: properties.kind().as_ref().map(|kind| kind.to_string()),
+            reply_to: properties.reply_to().as_ref().map(|to| to.to_string()),
+            correlation_id: properties
+                .correlation_id()
+                .as_ref()
+                .map(|id| id.to_string()),
+            message_id: properties.message_id().as_ref().map(|id| id.to_string()),
+            routing_key: delivery.routing_key.to_string(),
+            exchange: delivery.exchange.to_string(),
+            redelivered: delivery.redelivered,
+            delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
+            queue: queue.to_string(),
+            headers,
+            payload: delivery.data,
+            acker: delivery.acker,
+        }
+    }
+
+    /// A string header.
+    pub fn header(&self, name: &str) -> Option<String> {
+        match self.headers.inner().get(name)? {
+            AMQPValue::LongString(value) => Some(String::from_utf8_lossy(value.as_bytes()).into()),
+            AMQPValue::ShortString(value) => Some(value.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Acknowledges: the work it asked for is durable.
+    pub async fn ack(&self) -> Result<(), TransportError> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(TransportError::amqp("basic.ack"))
+    }
+
+    /// Hands it back to the queue for another consumer (counts as a delivery).
+    pub async fn requeue(&self) -> Result<(), TransportError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(TransportError::amqp("basic.nack"))
+    }
+
+    /// Moves it to `koan.dead` with a header stating `reason`, then acks it.
+    pub async fn dead_letter(&self, broker: &Broker, reason: &str) -> Result<(), TransportError> {
+        let mut copy = Outgoing {
+            exchange: DEAD_EXCHANGE.to_string(),
+            routing_key: self.routing_key.clone(),
+            payload: self.payload.clone(),
+            kind: self.kind.clone().unwrap_or_default(),
+            message_id: self.message_id.clone().unwrap_or_default(),
+            correlation_id: self.correlation_id.clone(),
+            reply_to: None,
+            headers: Vec::new(),
+        };
+        copy = copy
+            .header(
+                DEAD_REASON_HEADER,
+                reason.chars().take(1000).collect::<String>(),
+            )
+            .header(DEAD_SOURCE_HEADER, self.queue.clone());
+        broker.publish(&copy).await?;
+        self.ack().await
+    }
+}
+
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
