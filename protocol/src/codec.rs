@@ -2,8 +2,10 @@
 //!
 //! On the wire a message is a msgpack map with named fields:
 //! `{"protocol": 1, "kind": "<kind>", "body": {...}}`. Bodies are maps too, so
-//! fields can be added without breaking older readers. Decoding checks the
-//! version first, then the kind, then the body, and names what was wrong.
+//! fields can be added without breaking older readers. UUIDs and timestamps
+//! are strings (RFC 4122 and RFC 3339), so any msgpack library can read and
+//! write them. Decoding checks the version first, then the kind, then the
+//! body, and names what was wrong.
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -64,7 +66,7 @@ pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, ProtocolError> {
 
 /// Reads the envelope's version and kind without decoding the body.
 pub fn peek(bytes: &[u8], family: &str) -> Result<(u32, String), ProtocolError> {
-    let header: Header = rmp_serde::from_slice(bytes)
+    let header: Header = from_slice(bytes)
         .map_err(|error| ProtocolError::malformed(format!("{family} envelope"), error))?;
     if header.protocol != PROTOCOL_VERSION {
         return Err(ProtocolError::UnsupportedVersion {
@@ -82,7 +84,19 @@ pub fn encode_envelope<T: Serialize>(kind: &str, body: &T) -> Result<Vec<u8>, Pr
         kind,
         body,
     };
-    rmp_serde::to_vec_named(&envelope).map_err(|error| ProtocolError::malformed(kind, error))
+    let mut bytes = Vec::with_capacity(256);
+    let mut serializer = rmp_serde::Serializer::new(&mut bytes)
+        .with_struct_map()
+        .with_human_readable();
+    envelope
+        .serialize(&mut serializer)
+        .map_err(|error| ProtocolError::malformed(kind, error))?;
+    Ok(bytes)
+}
+
+fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+    T::deserialize(&mut deserializer)
 }
 
 /// Decodes the body of an envelope of `kind`. Used by [`Message`] implementations.
@@ -91,7 +105,7 @@ pub fn decode_envelope<T: DeserializeOwned>(
     kind: &str,
     bytes: &[u8],
 ) -> Result<T, ProtocolError> {
-    let envelope: Envelope<T> = rmp_serde::from_slice(bytes)
+    let envelope: Envelope<T> = from_slice(bytes)
         .map_err(|error| ProtocolError::malformed(format!("{family} '{kind}'"), error))?;
     Ok(envelope.body)
 }
@@ -164,6 +178,19 @@ mod tests {
             serde_json::json!({"protocol": 1, "kind": "ping", "body": {"n": 7}})
         );
         assert_eq!(decode::<Test>(&bytes).unwrap(), Test::Ping(Ping { n: 7 }));
+    }
+
+    #[test]
+    fn uuids_and_times_are_strings() {
+        let id = uuid::Uuid::now_v7();
+        let bytes = encode_envelope("x", &serde_json::json!({"id": id})).unwrap();
+        let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(value["body"]["id"], id.to_string());
+        let command = crate::commands::Command::Status(crate::commands::OperationRef { operation_id: id });
+        let bytes = encode(&command).unwrap();
+        let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(value["body"]["operation_id"], id.to_string());
+        assert_eq!(decode::<crate::commands::Command>(&bytes).unwrap(), command);
     }
 
     #[test]

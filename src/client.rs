@@ -1,0 +1,101 @@
+//! The command-line client: submits commands over AMQP and reads replies.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use koan_protocol::commands::{Command, ListOperations, OperationRef, Reply, StartBackup};
+use koan_protocol::progress::ProgressReport;
+use koan_protocol::topology::{COMMANDS_EXCHANGE, EVENTS_EXCHANGE, operation_follow_key};
+use koan_transport::{Broker, Outgoing, Subscription, rpc, topology};
+use uuid::Uuid;
+
+/// How long the client waits for the coordinator to answer a command.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to RabbitMQ used to talk to the coordinator.
+#[derive(Debug)]
+pub struct Client {
+    broker: Broker,
+}
+
+/// What the coordinator answered to a submission.
+#[derive(Debug)]
+pub struct Submitted {
+    /// The operation started (or found, for a repeated id).
+    pub operation_id: Uuid,
+    /// True when the operation already existed.
+    pub existing: bool,
+}
+
+impl Client {
+    /// Connects and declares the coordinator's queues, so a command submitted
+    /// before the coordinator starts waits for it instead of being lost.
+    pub async fn connect(amqp_url: &str) -> Result<Self> {
+        let broker = Broker::connect(amqp_url, "koan-backup cli").await?;
+        topology::declare_coordinator(broker.publisher())
+            .await
+            .context("declaring the command topology")?;
+        Ok(Self { broker })
+    }
+
+    /// Follows every public event of `operation_id` (bind before submitting).
+    pub async fn follow(&self, operation_id: Uuid) -> Result<Subscription> {
+        Ok(self
+            .broker
+            .follow(EVENTS_EXCHANGE, &[operation_follow_key(operation_id)])
+            .await?)
+    }
+
+    async fn request(&self, command: &Command) -> Result<Reply> {
+        let outgoing = Outgoing::encode(COMMANDS_EXCHANGE, command_routing_key(command), command)?;
+        let reply = rpc::request(&self.broker, outgoing, REPLY_TIMEOUT)
+            .await
+            .context("no answer from the coordinator (is `koan-backup coordinator` running?)")?;
+        Ok(koan_protocol::decode::<Reply>(&reply.payload)?)
+    }
+
+    /// Submits `start_backup`; a rejection is an error carrying the coordinator's reason.
+    pub async fn start_backup(&self, command: StartBackup) -> Result<Submitted> {
+        match self.request(&Command::StartBackup(command)).await? {
+            Reply::Accepted(accepted) => Ok(Submitted {
+                operation_id: accepted.operation_id,
+                existing: accepted.existing,
+            }),
+            Reply::Rejected(rejected) => bail!("rejected ({}): {}", rejected.code, rejected.error),
+            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+        }
+    }
+
+    /// The progress report of one operation.
+    pub async fn status(&self, operation_id: Uuid) -> Result<ProgressReport> {
+        match self
+            .request(&Command::Status(OperationRef { operation_id }))
+            .await?
+        {
+            Reply::Status(report) => Ok(report),
+            Reply::Rejected(rejected) => bail!("{}", rejected.error),
+            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+        }
+    }
+
+    /// Recent operations, newest first.
+    pub async fn list(&self, limit: u32) -> Result<Vec<ProgressReport>> {
+        match self
+            .request(&Command::List(ListOperations { limit: Some(limit) }))
+            .await?
+        {
+            Reply::Operations(operations) => Ok(operations.operations),
+            Reply::Rejected(rejected) => bail!("{}", rejected.error),
+            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        self.broker.close().await;
+    }
+}
+
+fn command_routing_key(command: &Command) -> &'static str {
+    koan_protocol::Message::kind(command)
+}

@@ -1,0 +1,25 @@
+//! Test data: Koan-layout tables filled with realistic documents.
+
+/// SQL creating a Koan-layout table `name` with a key of `key_type`.
+pub fn koan_table(name: &str, key_type: &str) -> String {
+    format!(r#"CREATE TABLE "{name}" ("Id" {key_type} PRIMARY KEY, "Json" jsonb NOT NULL)"#)
+}
+
+/// SQL inserting `rows` order documents into `table` (text keys `ord-00000001`…),
+/// spread round-robin over `tenants` tenants named `tenant-0`…, with a numeric version.
+pub fn insert_orders(table: &str, rows: u64, tenants: u32) -> String {
+    format!(
+        r#"INSERT INTO "{table}" ("Id", "Json")
+           SELECT 'ord-' || lpad(i::text, 8, '0'),
+                  jsonb_build_object(
+                    '__koan_tenant', 'tenant-' || (i % {tenants}),
+                    'version', 1,
+                    'customer', jsonb_build_object('id', 'cust-' || (i % 977), 'name', 'Customer ' || (i % 977), 'email', 'c' || (i % 977) || '@example.com'),
+                    'lines', jsonb_build_array(
+                        jsonb_build_object('sku', 'SKU-' || (i % 311), 'qty', 1 + i % 5, 'price', round((i % 1000) * 1.17, 2)),
+                        jsonb_build_object('sku', 'SKU-' || (i % 173), 'qty', 1 + i % 3, 'price', round((i % 700) * 0.93, 2))),
+                    'status', (ARRAY['new','paid','shipped','delivered'])[1 + i % 4],
+                    'placedAt', '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => i * 7))
+           FROM generate_series(1, {rows}) AS i"#
+    )
+}

@@ -1,0 +1,304 @@
+//! Test support: a [`Sandbox`] per test with its own RabbitMQ vhost, its own
+//! PostgreSQL database and archive directory, running the real `koan-backup`
+//! binary as separate coordinator and worker processes. Everything is removed
+//! when the sandbox drops (logs are kept when the test failed).
+
+#![allow(dead_code)]
+
+pub mod archive;
+pub mod data;
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use koan_protocol::events::OperationEvent;
+use koan_protocol::progress::ProgressReport;
+use koan_protocol::topology::{EVENTS_EXCHANGE, operation_follow_key};
+use koan_transport::{Broker, Subscription};
+use uuid::Uuid;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_koan-backup");
+
+const PG_HINT: &str = "PostgreSQL is not reachable at 127.0.0.1:5432; start it with \
+    `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`";
+const RABBIT_HINT: &str =
+    "RabbitMQ is not reachable at 127.0.0.1:5672; start it with `rabbitmq-server -detached`";
+
+/// One test's private world.
+pub struct Sandbox {
+    /// Unique name: vhost, database and directory names derive from it.
+    pub name: String,
+    /// RabbitMQ URL of the private vhost.
+    pub amqp_url: String,
+    /// PostgreSQL URL of the private database (source data and coordinator state).
+    pub database_url: String,
+    /// Archive storage directory.
+    pub storage: PathBuf,
+    /// Where process logs and plan files go.
+    pub work_dir: PathBuf,
+    database: String,
+    processes: Vec<Process>,
+}
+
+struct Process {
+    name: String,
+    child: Child,
+}
+
+fn require(address: &str, hint: &str) {
+    if TcpStream::connect_timeout(&address.parse().expect("address"), Duration::from_secs(3)).is_err() {
+        panic!("{hint}");
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("running {program}: {error}"))
+}
+
+fn psql(database: &str, sql: &str) -> Output {
+    run(
+        "psql",
+        &["-h", "127.0.0.1", "-U", "postgres", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+    )
+}
+
+impl Sandbox {
+    /// Creates the vhost, database and directories. Panics naming the service
+    /// that is unreachable and how to start it.
+    pub fn new() -> Self {
+        require("127.0.0.1:5432", PG_HINT);
+        require("127.0.0.1:5672", RABBIT_HINT);
+        let name = format!("kb_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let vhost = name.clone();
+        for args in [
+            vec!["add_vhost", vhost.as_str()],
+            vec!["set_permissions", "-p", vhost.as_str(), "guest", ".*", ".*", ".*"],
+        ] {
+            let output = run("rabbitmqctl", &args);
+            assert!(output.status.success(), "rabbitmqctl {args:?}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        }
+        let output = psql("postgres", &format!("CREATE DATABASE {name}"));
+        assert!(output.status.success(), "{PG_HINT}: {}", String::from_utf8_lossy(&output.stderr));
+        let work_dir = std::env::temp_dir().join(&name);
+        let storage = work_dir.join("archives");
+        std::fs::create_dir_all(&storage).expect("creating the sandbox directory");
+        Self {
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+            database_url: format!("postgresql://postgres@127.0.0.1:5432/{name}"),
+            database: name.clone(),
+            name,
+            storage,
+            work_dir,
+            processes: Vec::new(),
+        }
+    }
+
+    /// Environment every process of this sandbox gets.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KOAN_AMQP_URL", self.amqp_url.clone()),
+            ("KOAN_DATABASE_URL", self.database_url.clone()),
+            ("KOAN_SOURCE_URL", self.database_url.clone()),
+            ("KOAN_STORAGE_URL", self.storage.display().to_string()),
+            ("RUST_LOG", "info,lapin=warn".to_string()),
+        ]
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) {
+        let log = File::create(self.work_dir.join(format!("{name}.log"))).expect("log file");
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .envs(self.env())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        let child = command.spawn().unwrap_or_else(|error| panic!("spawning {name}: {error}"));
+        self.processes.push(Process {
+            name: name.to_string(),
+            child,
+        });
+    }
+
+    /// Starts a coordinator process named `name`, with extra arguments.
+    pub fn start_coordinator(&mut self, name: &str, extra: &[&str]) {
+        let mut args = vec!["coordinator"];
+        args.extend_from_slice(extra);
+        self.spawn(name, &args);
+    }
+
+    /// Starts `count` worker processes named `worker-<i>`.
+    pub fn start_workers(&mut self, count: usize, extra: &[&str]) {
+        for index in 0..count {
+            let mut args = vec!["worker"];
+            args.extend_from_slice(extra);
+            self.spawn(&format!("worker-{index}"), &args);
+        }
+    }
+
+    /// Runs the CLI with this sandbox's environment.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .envs(self.env())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the cli")
+    }
+
+    /// Writes a file in the sandbox's work directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.work_dir.join(name);
+        std::fs::write(&path, contents).expect("writing a sandbox file");
+        path
+    }
+
+    /// A PostgreSQL client on the sandbox database.
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|error| panic!("{PG_HINT}: {error}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A broker connection on the sandbox vhost.
+    pub async fn broker(&self) -> Broker {
+        Broker::connect(&self.amqp_url, "koan-backup test")
+            .await
+            .unwrap_or_else(|error| panic!("{RABBIT_HINT}: {error}"))
+    }
+
+    /// Every log line written so far by the sandbox's processes.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for process in &self.processes {
+            let text = std::fs::read_to_string(self.work_dir.join(format!("{}.log", process.name)))
+                .unwrap_or_default();
+            all.push_str(&format!("===== {} =====\n{text}\n", process.name));
+        }
+        all
+    }
+
+    /// Whether every started process is still running.
+    pub fn assert_alive(&mut self) {
+        for process in &mut self.processes {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("{} exited with {status}", process.name);
+            }
+        }
+    }
+
+    /// Path of an archive object.
+    pub fn archive_path(&self, key: &str) -> PathBuf {
+        self.storage.join(key)
+    }
+
+    /// Every file under the archive directory, relative to it.
+    pub fn archive_files(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(root, &path, out);
+                } else if let Ok(relative) = path.strip_prefix(root) {
+                    out.push(relative.display().to_string());
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.storage, &self.storage, &mut files);
+        files.sort();
+        files
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for process in &mut self.processes {
+            let _ = Command::new("kill").arg(process.child.id().to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for process in &mut self.processes {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = process.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+        let _ = run("rabbitmqctl", &["delete_vhost", &self.name]);
+        let _ = psql("postgres", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database));
+        if std::thread::panicking() {
+            eprintln!("sandbox {} failed; logs kept in {}", self.name, self.work_dir.display());
+            eprintln!("{}", self.logs().chars().rev().take(20_000).collect::<String>().chars().rev().collect::<String>());
+            let _ = std::fs::remove_dir_all(&self.storage);
+        } else {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+/// Follows the public events of one operation.
+pub struct Follower {
+    subscription: Subscription,
+    /// Every report received, in order.
+    pub reports: Vec<(String, ProgressReport)>,
+}
+
+impl Follower {
+    /// Binds to `operation.<id>.#` (do it before submitting).
+    pub async fn bind(broker: &Broker, operation_id: Uuid) -> Self {
+        let subscription = broker
+            .follow(EVENTS_EXCHANGE, &[operation_follow_key(operation_id)])
+            .await
+            .expect("binding a follower");
+        Self {
+            subscription,
+            reports: Vec::new(),
+        }
+    }
+
+    /// Collects events until a terminal one (or `timeout`); returns the last.
+    pub async fn until_terminal(&mut self, timeout: Duration) -> (String, ProgressReport) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let delivery = tokio::time::timeout_at(deadline, self.subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("no terminal event within {timeout:?}; last: {:?}", self.reports.last()))
+                .expect("follower delivery");
+            delivery.ack().await.expect("ack");
+            let event = koan_protocol::decode::<OperationEvent>(&delivery.payload).expect("decoding an event");
+            let kind = koan_protocol::Message::kind(&event).to_string();
+            let report = event.report().clone();
+            self.reports.push((kind.clone(), report.clone()));
+            if report.state.is_terminal() {
+                return (kind, report);
+            }
+        }
+    }
+
+    /// Asserts percentages, in arrival order, never decrease and end at exactly 100.
+    pub fn assert_monotonic_to_100(&self) {
+        let mut last = 0.0;
+        for (_, report) in &self.reports {
+            assert!(report.percent >= last, "percent went from {last} to {} (sequence {})", report.percent, report.sequence);
+            assert!(report.percent <= 100.0);
+            if report.percent >= 100.0 {
+                assert_eq!(report.state, koan_protocol::progress::OperationState::Completed, "100% before completion");
+            }
+            last = report.percent;
+        }
+        assert_eq!(last, 100.0, "the last percentage is {last}, not 100");
+    }
+}
