@@ -123,6 +123,7 @@ macro_rules! message_family {
     ) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq)]
+        #[allow(clippy::large_enum_variant)] // messages are short-lived; boxing buys nothing
         $vis enum $name {
             $( $(#[$vmeta])* $variant($body) ),+
         }

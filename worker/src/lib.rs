@@ -1,1 +1,40 @@
-//! placeholder
+//! The koan-backup worker: the data plane. It consumes jobs from its pools'
+//! queues, reads entities from PostgreSQL and writes archives to storage,
+//! keeping no state of its own between jobs, so any number can run side by side.
+//!
+//! # Layout
+//! - [`service`]: [`run`]: connects to RabbitMQ, declares the topology,
+//!   consumes the pool queues with a job slot taken before each delivery,
+//!   reconnects with backoff, shuts down in order.
+//! - `delivery`: one delivery: decode (dead-letter what is not a job), run, ack or requeue.
+//! - [`jobs`]: the jobs, each returning an [`Outcome`](jobs::Outcome):
+//!   - [`jobs::plan`]: inspect the entity, take the snapshot, choose ranges;
+//!     hold the snapshot in the background until the operation ends.
+//!   - [`jobs::export`]: claim a chunk, stream it into parts, report each part.
+//!   - [`jobs::finalize`]: check the parts, remove leftovers, write the manifest last.
+//! - [`chunk_writer`]: [`PartWriter`]: JSON lines → zstd → blake3 → multipart upload.
+//! - [`events`]: the [`Events`] sink jobs report to (RabbitMQ with confirms, or memory).
+//! - [`storage`]: archive storage over `object_store` (local directory).
+//! - [`config`]: [`Config`], defaults, `KOAN_*` overrides, validation.
+//! - [`error`]: [`WorkerError`] with codes and retry verdicts.
+//!
+//! The rules the worker keeps (ack after durable, run ids as fencing tokens,
+//! part sizes versus the consumer timeout, snapshot holding) are in `design.md`.
+
+#![warn(missing_docs)]
+
+pub mod chunk_writer;
+pub mod config;
+mod delivery;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod service;
+pub mod storage;
+
+pub use chunk_writer::PartWriter;
+pub use config::Config;
+pub use error::WorkerError;
+pub use events::{BrokerEvents, Events, MemoryEvents};
+pub use service::run;
+pub use storage::Storage;

@@ -1,0 +1,285 @@
+//! One delivery from a pool queue: decode it, run its job, settle it.
+//!
+//! A delivery that cannot be a job (too large, malformed, unknown protocol
+//! version or kind) goes to the dead-letter queue with a reason naming the
+//! problem; the worker keeps serving. A decoded job runs to an
+//! [`Outcome`] that becomes an ack or a requeue.
+
+use std::sync::Arc;
+
+use koan_protocol::ProtocolError;
+use koan_protocol::codec::Message;
+use koan_protocol::jobs::{Job, PlanEntity};
+use koan_protocol::plan::Consistency;
+use koan_protocol::topology::{EVENTS_EXCHANGE, MAX_JOB_BYTES, operation_event_key};
+use koan_source::PgSource;
+use koan_transport::{Broker, Incoming, Subscription};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+use uuid::Uuid;
+
+use crate::error::WorkerError;
+use crate::events::BrokerEvents;
+use crate::jobs::plan::{hold_snapshot, plan_entity};
+use crate::jobs::{JobSettings, Outcome, export::export_chunk, finalize::finalize};
+use crate::storage::Storage;
+
+/// Public operation events after which a held snapshot is released.
+const SNAPSHOT_RELEASE_EVENTS: [&str; 4] = ["completed", "failed", "cancelled", "paused"];
+
+/// The current RabbitMQ connection, `None` while reconnecting.
+pub(crate) type BrokerWatch = watch::Receiver<Option<Arc<Broker>>>;
+
+/// What every job of a worker shares.
+#[derive(Debug)]
+pub(crate) struct WorkerContext {
+    pub(crate) settings: JobSettings,
+    pub(crate) source: PgSource,
+    pub(crate) storage: Storage,
+    /// Jobs and snapshot holders, waited for at shutdown.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) brokers: BrokerWatch,
+}
+
+/// Decodes a delivery into a job, or says why it cannot be one.
+pub(crate) fn decode_job(payload: &[u8]) -> Result<Job, ProtocolError> {
+    if payload.len() > MAX_JOB_BYTES {
+        return Err(ProtocolError::TooLarge {
+            size: payload.len(),
+            limit: MAX_JOB_BYTES,
+        });
+    }
+    koan_protocol::decode::<Job>(payload)
+}
+
+/// Runs the job a delivery carries and settles the delivery.
+pub(crate) async fn handle_delivery(
+    context: Arc<WorkerContext>,
+    broker: Arc<Broker>,
+    incoming: Incoming,
+) {
+    let job = match decode_job(&incoming.payload) {
+        Ok(job) => job,
+        Err(error) => {
+            let reason = format!("{}: {error}", error.code());
+            warn!(queue = %incoming.queue, message_id = ?incoming.message_id, %reason, "dead-lettering a delivery that is not a job");
+            if let Err(error) = incoming.dead_letter(&broker, &reason).await {
+                warn!(%error, "dead-lettering failed; the delivery returns to the queue");
+            }
+            return;
+        }
+    };
+    let span = info_span!(
+        "job",
+        kind = job.kind(),
+        operation_id = %job.operation_id(),
+        delivery_count = incoming.delivery_count,
+    );
+    let result = run_job(&context, &broker, job, incoming.delivery_count)
+        .instrument(span.clone())
+        .await;
+    let settled = match result {
+        Ok(Outcome::Ack) => incoming.ack().await,
+        Ok(Outcome::Requeue) => incoming.requeue().await,
+        Err(error) => {
+            span.in_scope(
+                || warn!(code = error.code(), %error, "job could not be reported, requeueing"),
+            );
+            incoming.requeue().await
+        }
+    };
+    if let Err(error) = settled {
+        span.in_scope(|| warn!(%error, "settling the delivery failed; rabbitmq redelivers it when the channel closes"));
+    }
+}
+
+async fn run_job(
+    context: &Arc<WorkerContext>,
+    broker: &Arc<Broker>,
+    job: Job,
+    delivery_count: u32,
+) -> Result<Outcome, WorkerError> {
+    let events = BrokerEvents::new(broker.clone());
+    match job {
+        Job::PlanEntity(job) => plan_and_hold(context, broker, &events, &job, delivery_count).await,
+        Job::ExportChunk(job) => {
+            export_chunk(
+                &context.source,
+                &context.storage,
+                &events,
+                &context.settings,
+                &job,
+                delivery_count,
+                &context.shutdown,
+            )
+            .await
+        }
+        Job::Finalize(job) => finalize(&context.storage, &events, &job, delivery_count).await,
+    }
+}
+
+/// Plans an entity; under `snapshot` consistency, follows the operation's
+/// events first (so no release event is missed) and hands the snapshot to a
+/// background holder that takes no job slot.
+async fn plan_and_hold(
+    context: &Arc<WorkerContext>,
+    broker: &Broker,
+    events: &BrokerEvents,
+    job: &PlanEntity,
+    delivery_count: u32,
+) -> Result<Outcome, WorkerError> {
+    let follow = match job.consistency {
+        Consistency::Snapshot => Some(
+            broker
+                .follow(EVENTS_EXCHANGE, &release_keys(job.operation_id))
+                .await?,
+        ),
+        Consistency::PerChunk => None,
+    };
+    let planned = plan_entity(
+        &context.source,
+        events,
+        &context.settings,
+        job,
+        delivery_count,
+        &context.shutdown,
+    )
+    .await;
+    let planned = match planned {
+        Ok(planned) => planned,
+        Err(error) => {
+            if let Some(follow) = follow {
+                follow.close().await;
+            }
+            return Err(error);
+        }
+    };
+    match (planned.holder, follow) {
+        (Some(holder), Some(follow)) => {
+            let ended = operation_end(context.brokers.clone(), job.operation_id, follow);
+            let holding = context.clone();
+            let operation_id = job.operation_id;
+            let entity = job.entity.name.clone();
+            context.tracker.spawn(
+                async move {
+                    let shutdown = holding.shutdown.clone();
+                    hold_snapshot(
+                        holder,
+                        operation_id,
+                        entity,
+                        ended,
+                        &holding.settings,
+                        shutdown,
+                    )
+                    .await;
+                }
+                .in_current_span(),
+            );
+        }
+        (holder, follow) => {
+            if let Some(follow) = follow {
+                follow.close().await;
+            }
+            if let Some(holder) = holder {
+                holder.release().await;
+            }
+        }
+    }
+    Ok(planned.outcome)
+}
+
+fn release_keys(operation_id: Uuid) -> Vec<String> {
+    SNAPSHOT_RELEASE_EVENTS
+        .iter()
+        .map(|event| operation_event_key(operation_id, event))
+        .collect()
+}
+
+/// Resolves with a reason when the operation completes, fails, is cancelled
+/// or paused. Follows again after a reconnect (events published while
+/// disconnected are missed; the hold limit bounds that case).
+async fn operation_end(
+    mut brokers: BrokerWatch,
+    operation_id: Uuid,
+    first: Subscription,
+) -> String {
+    let keys = release_keys(operation_id);
+    let mut subscription = Some(first);
+    loop {
+        if let Some(mut current) = subscription.take() {
+            match current.next().await {
+                Ok(incoming) => {
+                    let event = incoming
+                        .routing_key
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or("ended")
+                        .to_string();
+                    if let Err(error) = incoming.ack().await {
+                        debug!(%error, "acking an operation event");
+                    }
+                    current.close().await;
+                    return format!("the operation is {event}");
+                }
+                Err(error) => {
+                    warn!(%operation_id, %error, "lost the operation's event stream; following it again after reconnecting");
+                    current.close().await;
+                }
+            }
+        }
+        let connected = brokers
+            .wait_for(|broker| broker.as_ref().is_some_and(|broker| broker.is_connected()))
+            .await
+            .map(|broker| broker.clone());
+        let Ok(Some(broker)) = connected else {
+            return "the worker stopped".to_string();
+        };
+        match broker.follow(EVENTS_EXCHANGE, &keys).await {
+            Ok(followed) => subscription = Some(followed),
+            Err(error) => {
+                warn!(%operation_id, %error, "following the operation's events");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_what_is_wrong_with_a_delivery() {
+        let garbage = decode_job(b"\xc1 not msgpack").unwrap_err();
+        assert_eq!(garbage.code(), "malformed");
+        let envelope = |protocol: u32, kind: &str| {
+            rmp_serde::to_vec_named(
+                &serde_json::json!({"protocol": protocol, "kind": kind, "body": {}}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            decode_job(&envelope(2, "finalize")).unwrap_err().code(),
+            "unsupported_version"
+        );
+        let unknown = decode_job(&envelope(1, "reticulate")).unwrap_err();
+        assert_eq!(unknown.to_string(), "unknown job kind 'reticulate'");
+        let incomplete = decode_job(&envelope(1, "finalize")).unwrap_err();
+        assert_eq!(incomplete.code(), "malformed");
+        assert!(incomplete.to_string().contains("finalize"), "{incomplete}");
+    }
+
+    #[test]
+    fn release_keys_cover_terminal_and_paused_events() {
+        let id = Uuid::nil();
+        assert_eq!(
+            release_keys(id),
+            ["completed", "failed", "cancelled", "paused"]
+                .map(|event| format!("operation.{id}.{event}"))
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The jobs a worker runs, and what they share.
+//!
+//! Each job function takes its message, what it reads from and writes to, and
+//! returns an [`Outcome`]: the ack decision is a match, never string parsing.
+//! A job reports its own failures as events (`EntityFailed`, `ChunkFailed`,
+//! `FinalizeFailed`); `Err` is returned only when it could not report at all
+//! (RabbitMQ unreachable), and then the delivery goes back to the queue.
+
+pub mod export;
+pub mod finalize;
+pub mod plan;
+
+use std::future::Future;
+use std::time::Duration;
+
+use koan_protocol::archive::KeyRange;
+use koan_protocol::plan::EntitySpec;
+use koan_protocol::topology::JOB_DELIVERY_LIMIT;
+use koan_source::{ExportRow, PgSource, RowStream, SourceError};
+
+use crate::config::Config;
+
+/// What to do with a job's delivery once the job returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work is durable and reported, or failed for good and reported: acknowledge.
+    Ack,
+    /// Hand the delivery back to the queue so it runs again (here or elsewhere).
+    Requeue,
+}
+
+/// The settings jobs read, taken from the worker's [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSettings {
+    /// This worker's id (snapshot holder, chunk claims).
+    pub worker_id: String,
+    /// Cap on a job's `part_bytes`.
+    pub part_bytes_max: u64,
+    /// How long to wait for the answer to a chunk claim.
+    pub claim_timeout: Duration,
+    /// How often a running export reports progress (its lease heartbeat).
+    pub progress_interval: Duration,
+    /// Longest time a snapshot is held for an operation.
+    pub snapshot_hold_max: Duration,
+    /// How often a held snapshot's connection is checked.
+    pub snapshot_check_interval: Duration,
+}
+
+impl JobSettings {
+    /// The settings of a worker running with `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            worker_id: config.worker_id.clone(),
+            part_bytes_max: config.part_bytes_max,
+            claim_timeout: config.claim_timeout(),
+            progress_interval: Duration::from_secs(1),
+            snapshot_hold_max: config.snapshot_hold_max(),
+            snapshot_check_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Whether a delivery that has been delivered `delivery_count` times before is
+/// the last one RabbitMQ makes: a failure now is final even if retryable.
+pub fn is_last_delivery(delivery_count: u32) -> bool {
+    delivery_count >= JOB_DELIVERY_LIMIT.saturating_sub(1)
+}
+
+/// A fresh run id: 12 hex characters, a valid name and a fencing token in part paths.
+pub fn new_run_id() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    random[..12].to_string()
+}
+
+/// Where an export reads rows from: PostgreSQL in production, fakes in tests.
+pub trait ChunkSource: Send + Sync {
+    /// The row stream of one range.
+    type Rows: RowCursor;
+
+    /// Rows of `entity` in `range` after `after_key`, in key order, read under
+    /// `snapshot_id` when given.
+    fn rows(
+        &self,
+        entity: &EntitySpec,
+        range: &KeyRange,
+        after_key: Option<&str>,
+        snapshot_id: Option<&str>,
+    ) -> impl Future<Output = Result<Self::Rows, SourceError>> + Send;
+}
+
+/// A stream of rows in key order.
+pub trait RowCursor: Send {
+    /// The next row; `None` at the end of the range.
+    fn next_row(&mut self) -> impl Future<Output = Result<Option<ExportRow>, SourceError>> + Send;
+}
+
+impl ChunkSource for PgSource {
+    type Rows = RowStream;
+
+    async fn rows(
+        &self,
+        entity: &EntitySpec,
+        range: &KeyRange,
+        after_key: Option<&str>,
+        snapshot_id: Option<&str>,
+    ) -> Result<RowStream, SourceError> {
+        self.export(entity, range, after_key, snapshot_id).await
+    }
+}
+
+impl RowCursor for RowStream {
+    async fn next_row(&mut self) -> Result<Option<ExportRow>, SourceError> {
+        self.next().await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_delivery_and_run_ids() {
+        assert!(!is_last_delivery(0));
+        assert!(!is_last_delivery(JOB_DELIVERY_LIMIT - 2));
+        assert!(is_last_delivery(JOB_DELIVERY_LIMIT - 1));
+        let run = new_run_id();
+        assert_eq!(run.len(), 12);
+        koan_protocol::names::check_name("run", &run).unwrap();
+        assert_ne!(run, new_run_id());
+    }
+}
