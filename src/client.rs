@@ -62,7 +62,10 @@ impl Client {
                 existing: accepted.existing,
             }),
             Reply::Rejected(rejected) => bail!("rejected ({}): {}", rejected.code, rejected.error),
-            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+            other => bail!(
+                "unexpected reply '{}'",
+                koan_protocol::Message::kind(&other)
+            ),
         }
     }
 
@@ -74,7 +77,10 @@ impl Client {
         {
             Reply::Status(report) => Ok(report),
             Reply::Rejected(rejected) => bail!("{}", rejected.error),
-            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+            other => bail!(
+                "unexpected reply '{}'",
+                koan_protocol::Message::kind(&other)
+            ),
         }
     }
 
@@ -86,7 +92,10 @@ impl Client {
         {
             Reply::Operations(operations) => Ok(operations.operations),
             Reply::Rejected(rejected) => bail!("{}", rejected.error),
-            other => bail!("unexpected reply '{}'", koan_protocol::Message::kind(&other)),
+            other => bail!(
+                "unexpected reply '{}'",
+                koan_protocol::Message::kind(&other)
+            ),
         }
     }
 

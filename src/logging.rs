@@ -5,8 +5,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
-    let json = std::env::var("KOAN_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+    let json =
+        std::env::var("KOAN_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -71,7 +71,10 @@ fn shutdown_on_signal() -> CancellationToken {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut terminate), Ok(mut interrupt)) => {
             tokio::select! {
                 _ = terminate.recv() => {}
@@ -95,7 +98,9 @@ pub async fn coordinator(amqp_url: &str, args: CoordinatorArgs) -> Result<u8> {
         .database_url
         .clone()
         .or_else(|| env("KOAN_DATABASE_URL"))
-        .context("the coordinator needs a state store: pass --database-url or set KOAN_DATABASE_URL")?;
+        .context(
+            "the coordinator needs a state store: pass --database-url or set KOAN_DATABASE_URL",
+        )?;
     let mut config = koan_coordinator::Config::new(database_url).with_env_overrides()?;
     config.amqp_url = amqp_url.to_string();
     if let Some(schema) = args.schema {

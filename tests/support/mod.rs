@@ -50,7 +50,9 @@ struct Process {
 }
 
 fn require(address: &str, hint: &str) {
-    if TcpStream::connect_timeout(&address.parse().expect("address"), Duration::from_secs(3)).is_err() {
+    if TcpStream::connect_timeout(&address.parse().expect("address"), Duration::from_secs(3))
+        .is_err()
+    {
         panic!("{hint}");
     }
 }
@@ -65,7 +67,18 @@ fn run(program: &str, args: &[&str]) -> Output {
 fn psql(database: &str, sql: &str) -> Output {
     run(
         "psql",
-        &["-h", "127.0.0.1", "-U", "postgres", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qAtc",
+            sql,
+        ],
     )
 }
 
@@ -79,13 +92,30 @@ impl Sandbox {
         let vhost = name.clone();
         for args in [
             vec!["add_vhost", vhost.as_str()],
-            vec!["set_permissions", "-p", vhost.as_str(), "guest", ".*", ".*", ".*"],
+            vec![
+                "set_permissions",
+                "-p",
+                vhost.as_str(),
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
         ] {
             let output = run("rabbitmqctl", &args);
-            assert!(output.status.success(), "rabbitmqctl {args:?}: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            assert!(
+                output.status.success(),
+                "rabbitmqctl {args:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         let output = psql("postgres", &format!("CREATE DATABASE {name}"));
-        assert!(output.status.success(), "{PG_HINT}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{PG_HINT}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let work_dir = std::env::temp_dir().join(&name);
         let storage = work_dir.join("archives");
         std::fs::create_dir_all(&storage).expect("creating the sandbox directory");
@@ -120,7 +150,9 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
-        let child = command.spawn().unwrap_or_else(|error| panic!("spawning {name}: {error}"));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("spawning {name}: {error}"));
         self.processes.push(Process {
             name: name.to_string(),
             child,
@@ -162,9 +194,10 @@ impl Sandbox {
 
     /// A PostgreSQL client on the sandbox database.
     pub async fn pg(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|error| panic!("{PG_HINT}: {error}"));
+        let (client, connection) =
+            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|error| panic!("{PG_HINT}: {error}"));
         tokio::spawn(connection);
         client
     }
@@ -204,7 +237,9 @@ impl Sandbox {
     /// Every file under the archive directory, relative to it.
     pub fn archive_files(&self) -> Vec<String> {
         fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.is_dir() {
@@ -224,7 +259,9 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         for process in &mut self.processes {
-            let _ = Command::new("kill").arg(process.child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(process.child.id().to_string())
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for process in &mut self.processes {
@@ -238,10 +275,27 @@ impl Drop for Sandbox {
             let _ = process.child.wait();
         }
         let _ = run("rabbitmqctl", &["delete_vhost", &self.name]);
-        let _ = psql("postgres", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database));
+        let _ = psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+        );
         if std::thread::panicking() {
-            eprintln!("sandbox {} failed; logs kept in {}", self.name, self.work_dir.display());
-            eprintln!("{}", self.logs().chars().rev().take(20_000).collect::<String>().chars().rev().collect::<String>());
+            eprintln!(
+                "sandbox {} failed; logs kept in {}",
+                self.name,
+                self.work_dir.display()
+            );
+            eprintln!(
+                "{}",
+                self.logs()
+                    .chars()
+                    .rev()
+                    .take(20_000)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect::<String>()
+            );
             let _ = std::fs::remove_dir_all(&self.storage);
         } else {
             let _ = std::fs::remove_dir_all(&self.work_dir);
@@ -259,6 +313,9 @@ pub struct Follower {
 impl Follower {
     /// Binds to `operation.<id>.#` (do it before submitting).
     pub async fn bind(broker: &Broker, operation_id: Uuid) -> Self {
+        koan_transport::topology::declare_exchanges(broker.publisher())
+            .await
+            .expect("declaring the exchanges");
         let subscription = broker
             .follow(EVENTS_EXCHANGE, &[operation_follow_key(operation_id)])
             .await
@@ -275,10 +332,16 @@ impl Follower {
         loop {
             let delivery = tokio::time::timeout_at(deadline, self.subscription.next())
                 .await
-                .unwrap_or_else(|_| panic!("no terminal event within {timeout:?}; last: {:?}", self.reports.last()))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no terminal event within {timeout:?}; last: {:?}",
+                        self.reports.last()
+                    )
+                })
                 .expect("follower delivery");
             delivery.ack().await.expect("ack");
-            let event = koan_protocol::decode::<OperationEvent>(&delivery.payload).expect("decoding an event");
+            let event = koan_protocol::decode::<OperationEvent>(&delivery.payload)
+                .expect("decoding an event");
             let kind = koan_protocol::Message::kind(&event).to_string();
             let report = event.report().clone();
             self.reports.push((kind.clone(), report.clone()));
@@ -292,10 +355,19 @@ impl Follower {
     pub fn assert_monotonic_to_100(&self) {
         let mut last = 0.0;
         for (_, report) in &self.reports {
-            assert!(report.percent >= last, "percent went from {last} to {} (sequence {})", report.percent, report.sequence);
+            assert!(
+                report.percent >= last,
+                "percent went from {last} to {} (sequence {})",
+                report.percent,
+                report.sequence
+            );
             assert!(report.percent <= 100.0);
             if report.percent >= 100.0 {
-                assert_eq!(report.state, koan_protocol::progress::OperationState::Completed, "100% before completion");
+                assert_eq!(
+                    report.state,
+                    koan_protocol::progress::OperationState::Completed,
+                    "100% before completion"
+                );
             }
             last = report.percent;
         }
