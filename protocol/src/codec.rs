@@ -187,7 +187,8 @@ mod tests {
         let bytes = encode_envelope("x", &serde_json::json!({"id": id})).unwrap();
         let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(value["body"]["id"], id.to_string());
-        let command = crate::commands::Command::Status(crate::commands::OperationRef { operation_id: id });
+        let command =
+            crate::commands::Command::Status(crate::commands::OperationRef { operation_id: id });
         let bytes = encode(&command).unwrap();
         let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(value["body"]["operation_id"], id.to_string());
