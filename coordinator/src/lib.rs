@@ -1,1 +1,43 @@
-//! placeholder
+//! koan-coordinator: the control plane of koan-backup.
+//!
+//! Accepts commands, records every operation, entity, chunk and part in its
+//! state store, publishes jobs to worker pools, applies worker reports
+//! idempotently and publishes progress with continuation tokens. It never
+//! reads tenant rows and never touches archive storage: everything that
+//! touches data is a job. `design.md` beside this crate explains the subtle
+//! parts (idempotence, fencing, the outbox, percent, tokens).
+//!
+//! # Layout
+//! - [`service`]: [`run`], the service: broker sessions with reconnection,
+//!   consumers, outbox drainer, lease keeping, graceful shutdown.
+//! - [`config`]: [`Config`], defaults, `KOAN_*` overrides, validation naming the field.
+//! - [`error`]: [`CoordinatorError`], with a stable code and a retry decision.
+//! - [`plans`]: [`PlanRegistry`], plans loaded from `*.toml` files.
+//! - [`commands`]: [`Commands`], `start_backup`, `status` and `list`, answered
+//!   on `reply_to`; [`SourceCatalog`] checks plans against the source's catalog.
+//! - [`reports`]: [`Reports`], worker reports and chunk claims applied to the state store.
+//! - [`broker`]: queues consumed in order and acked after commit and reply;
+//!   the outbox drainer publishing queued jobs and events with confirms.
+//! - [`progress`]: percent, ETA, continuation token and the progress report (pure).
+//! - [`store`]: the backend-neutral [`StateStore`] trait, the rules every
+//!   backend shares, and [`PgStateStore`] (PostgreSQL, migrations in `.sql` files).
+
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod plans;
+pub mod progress;
+pub mod reports;
+pub mod service;
+pub mod store;
+
+pub use commands::{Commands, SourceCatalog};
+pub use config::Config;
+pub use error::CoordinatorError;
+pub use plans::PlanRegistry;
+pub use reports::Reports;
+pub use service::{run, run_with_store};
+pub use store::{PgStateStore, Policy, StateStore};

@@ -1,0 +1,231 @@
+//! The coordinator's side of RabbitMQ.
+//!
+//! **Consuming** ([`consume`]): one delivery at a time, in order; ack (or
+//! dead-letter) only after the state store committed and the reply was
+//! published. A state store failure that may pass (connection lost) is
+//! retried in place with backoff, so a PostgreSQL restart does not burn the
+//! message's delivery limit; on shutdown the message in hand is left unacked
+//! and goes back to the queue.
+//!
+//! **Publishing** ([`drain_loop`]): the outbox drainer publishes queued jobs
+//! and events with publisher confirms, in order, and removes them once
+//! confirmed. It is woken after every commit that queued something and every
+//! 500 ms. The state store drains under an advisory lock, so of several
+//! coordinators one drains at a time and no message is published twice by two
+//! drainers; a crash between publishing and removing republishes (consumers
+//! are idempotent).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use koan_protocol::topology::JOBS_EXCHANGE;
+use koan_transport::{Broker, Incoming, Outgoing, rpc, topology};
+
+use crate::error::CoordinatorError;
+use crate::store::{OutboxMessage, OutboxSink, StateStore};
+
+/// What to do with a delivery once handled.
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    /// Answer on the delivery's `reply_to`, if it has one.
+    pub reply: Option<Outgoing>,
+    /// Dead-letter the delivery with this reason instead of acking it.
+    pub dead_letter: Option<String>,
+    /// The state store changed: wake the outbox drainer.
+    pub changed: bool,
+}
+
+/// Handles the deliveries of one queue.
+pub trait Handler: Send + Sync {
+    /// Decides on one delivery. An error that is retryable is retried;
+    /// any other dead-letters the delivery.
+    fn handle(
+        &self,
+        incoming: &Incoming,
+    ) -> impl Future<Output = Result<Decision, CoordinatorError>> + Send;
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(10);
+
+/// Consumes `queue` with `prefetch` until `stop` is cancelled or the channel fails.
+pub async fn consume<H: Handler>(
+    broker: &Broker,
+    queue: &str,
+    prefetch: u16,
+    handler: &H,
+    stop: &CancellationToken,
+    wake: &Notify,
+) -> Result<(), CoordinatorError> {
+    let mut subscription = broker.subscribe(queue, prefetch).await?;
+    debug!(queue, prefetch, "consuming");
+    let outcome = loop {
+        let incoming = tokio::select! {
+            biased;
+            () = stop.cancelled() => break Ok(()),
+            next = subscription.next() => match next {
+                Ok(incoming) => incoming,
+                Err(error) => break Err(CoordinatorError::from(error)),
+            },
+        };
+        if let Err(error) = settle(broker, &incoming, handler, stop, wake).await {
+            break Err(error);
+        }
+    };
+    subscription.cancel().await;
+    subscription.close().await;
+    outcome
+}
+
+/// Handles one delivery to the end: decision, reply, then ack or dead-letter.
+async fn settle<H: Handler>(
+    broker: &Broker,
+    incoming: &Incoming,
+    handler: &H,
+    stop: &CancellationToken,
+    wake: &Notify,
+) -> Result<(), CoordinatorError> {
+    let mut delay = FIRST_RETRY;
+    let decision = loop {
+        match handler.handle(incoming).await {
+            Ok(decision) => break decision,
+            Err(error) if error.is_transport() => return Err(error),
+            Err(error) if error.is_retryable() => {
+                warn!(queue = %incoming.queue, code = error.code(), %error, retry_in = ?delay, "handling failed, retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(LAST_RETRY);
+            }
+            Err(error) => {
+                warn!(queue = %incoming.queue, code = error.code(), %error, "message dead-lettered");
+                break Decision {
+                    dead_letter: Some(format!("{}: {error}", error.code())),
+                    ..Decision::default()
+                };
+            }
+        }
+    };
+    if decision.changed {
+        wake.notify_one();
+    }
+    if let Some(reply) = decision.reply {
+        rpc::reply(broker, incoming, reply).await?;
+    }
+    match decision.dead_letter {
+        Some(reason) => incoming.dead_letter(broker, &reason).await?,
+        None => incoming.ack().await?,
+    }
+    Ok(())
+}
+
+/// Messages taken per drain transaction.
+pub const DRAIN_BATCH: usize = 200;
+/// Drain at least this often, even unwoken.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Publishes outbox messages on a broker, declaring each pool's queue before
+/// its first job so no job is unroutable.
+#[derive(Debug)]
+pub struct BrokerSink<'b> {
+    broker: &'b Broker,
+    declared_pools: Mutex<HashSet<String>>,
+}
+
+impl<'b> BrokerSink<'b> {
+    /// A sink on `broker`, with no pool declared yet.
+    pub fn new(broker: &'b Broker) -> Self {
+        Self {
+            broker,
+            declared_pools: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Remembers that `pool`'s queue is declared.
+    pub fn declared(&self, pool: &str) {
+        if let Ok(mut pools) = self.declared_pools.lock() {
+            pools.insert(pool.to_string());
+        }
+    }
+
+    fn is_declared(&self, pool: &str) -> bool {
+        self.declared_pools
+            .lock()
+            .map(|pools| pools.contains(pool))
+            .unwrap_or(false)
+    }
+}
+
+impl OutboxSink for BrokerSink<'_> {
+    async fn publish(&self, message: &OutboxMessage) -> Result<(), CoordinatorError> {
+        if message.exchange == JOBS_EXCHANGE && !self.is_declared(&message.routing_key) {
+            topology::declare_pool(self.broker.publisher(), &message.routing_key).await?;
+            self.declared(&message.routing_key);
+            debug!(pool = %message.routing_key, "pool queue declared");
+        }
+        let outgoing = Outgoing {
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            payload: message.payload.clone(),
+            kind: message.kind.clone(),
+            message_id: message.message_id.to_string(),
+            correlation_id: None,
+            reply_to: None,
+            headers: Vec::new(),
+        };
+        self.broker.publish(&outgoing).await?;
+        Ok(())
+    }
+}
+
+/// Drains until the outbox is empty (or another coordinator holds it).
+/// Only a broker failure is an error; a state store failure waits for the next round.
+pub async fn drain_now<S: StateStore>(
+    store: &S,
+    sink: &BrokerSink<'_>,
+) -> Result<usize, CoordinatorError> {
+    let mut published = 0;
+    loop {
+        match store.drain_outbox(sink, DRAIN_BATCH).await {
+            Ok(drained) => {
+                published += drained.published;
+                if drained.busy || drained.published < DRAIN_BATCH {
+                    return Ok(published);
+                }
+            }
+            Err(error) if error.is_transport() => return Err(error),
+            Err(error) => {
+                warn!(code = error.code(), %error, "draining the outbox failed");
+                return Ok(published);
+            }
+        }
+    }
+}
+
+/// Drains whenever woken and every [`DRAIN_INTERVAL`] until `stop` is cancelled.
+pub async fn drain_loop<S: StateStore>(
+    store: &S,
+    sink: &BrokerSink<'_>,
+    wake: &Notify,
+    stop: &CancellationToken,
+) -> Result<(), CoordinatorError> {
+    loop {
+        let published = drain_now(store, sink).await?;
+        if published > 0 {
+            debug!(published, "outbox drained");
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            () = wake.notified() => {}
+            () = tokio::time::sleep(DRAIN_INTERVAL) => {}
+        }
+    }
+}

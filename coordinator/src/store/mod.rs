@@ -1,0 +1,316 @@
+//! The state store: every operation, entity, chunk, part and outgoing message
+//! the coordinator knows of, behind the backend-neutral [`StateStore`] trait.
+//!
+//! Backends implement whole, transactional steps (submit a backup, apply one
+//! worker report, drain the outbox) and share the decisions in [`rules`] and
+//! [`crate::progress`], so every backend behaves alike; one conformance suite
+//! (`tests/conformance`) runs against each of them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use koan_protocol::events::{ChunkClaim, ClaimChunk, WorkerEvent};
+use koan_protocol::plan::{BackupPlan, Consistency};
+use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
+
+use crate::config::Config;
+use crate::error::CoordinatorError;
+
+pub mod pg;
+pub mod rules;
+
+pub use pg::PgStateStore;
+
+/// Retries of one chunk (failed runs or expired leases) before its operation fails.
+pub const DEFAULT_MAX_CHUNK_ATTEMPTS: u32 = koan_protocol::topology::JOB_DELIVERY_LIMIT;
+
+/// What the coordinator decides on behalf of a backend: sizes, leases, pacing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Target bytes of JSON lines per part, written into export jobs.
+    pub part_bytes: u64,
+    /// How long a chunk claim lasts without news from its run.
+    pub lease: Duration,
+    /// Least interval between two progress events of one operation.
+    pub progress_interval: Duration,
+    /// Failed runs or expired leases of one chunk before the operation fails.
+    pub max_chunk_attempts: u32,
+}
+
+impl Policy {
+    /// The policy a configuration asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            part_bytes: config.part_bytes,
+            lease: config.lease(),
+            progress_interval: Duration::from_millis(config.progress_interval_ms),
+            max_chunk_attempts: DEFAULT_MAX_CHUNK_ATTEMPTS,
+        }
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            part_bytes: crate::config::DEFAULT_PART_BYTES,
+            lease: Duration::from_secs(crate::config::DEFAULT_LEASE_SECONDS),
+            progress_interval: Duration::from_millis(crate::config::DEFAULT_PROGRESS_INTERVAL_MS),
+            max_chunk_attempts: DEFAULT_MAX_CHUNK_ATTEMPTS,
+        }
+    }
+}
+
+/// A backup to record: the plan is validated (and checked against the source) already.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBackup {
+    /// Operation id (the client's, or a fresh UUIDv7); also the backup id.
+    pub operation_id: Uuid,
+    /// The AMQP `message_id` of the command, so a redelivered command finds its operation.
+    pub command_id: Option<String>,
+    /// The plan as run.
+    pub plan: BackupPlan,
+    /// Labels given at submission.
+    pub labels: BTreeMap<String, String>,
+    /// Description given at submission (or the plan's).
+    pub description: Option<String>,
+}
+
+/// The outcome of a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The operation.
+    pub operation_id: Uuid,
+    /// True when the operation already existed and nothing was created.
+    pub existing: bool,
+}
+
+/// What applying a worker report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The state moved forward (messages may have been queued in the outbox).
+    Changed,
+    /// Nothing changed, and why (duplicate, stale run, finished operation...).
+    Unchanged(&'static str),
+}
+
+/// One message waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// Position in the outbox (publication order).
+    pub id: i64,
+    /// Stable message id: a re-publication after a crash carries the same one.
+    pub message_id: Uuid,
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Message kind (AMQP `type`).
+    pub kind: String,
+    /// Envelope bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Where the outbox drainer hands messages (RabbitMQ in production).
+pub trait OutboxSink: Send + Sync {
+    /// Publishes one message; returns once the broker confirmed it.
+    fn publish(
+        &self,
+        message: &OutboxMessage,
+    ) -> impl Future<Output = Result<(), CoordinatorError>> + Send;
+}
+
+/// What one drain pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drained {
+    /// Messages published and removed.
+    pub published: usize,
+    /// True when another coordinator held the outbox lock (nothing was read).
+    pub busy: bool,
+}
+
+/// Where an entity stands within its operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntityState {
+    /// Waiting for its `entity_planned` report.
+    Planning,
+    /// Chunks are being exported.
+    Running,
+    /// Every chunk is done.
+    Done,
+}
+
+impl EntityState {
+    /// Stored and reported name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Planning => "planning",
+            Self::Running => "running",
+            Self::Done => "done",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Planning, Self::Running, Self::Done]
+            .into_iter()
+            .find(|state| state.as_str() == name)
+    }
+}
+
+/// An operation's stored figures, as every backend returns them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationRecord {
+    /// Operation id.
+    pub id: Uuid,
+    /// Backup or restore.
+    pub kind: OperationKind,
+    /// Current state.
+    pub state: OperationState,
+    /// Plan id.
+    pub plan_id: String,
+    /// Backup written.
+    pub backup_id: Option<Uuid>,
+    /// Consistency mode of the plan.
+    pub consistency: Consistency,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Description.
+    pub description: Option<String>,
+    /// Stored (monotonic) percent.
+    pub percent: f64,
+    /// Entities in the plan.
+    pub entities_total: u64,
+    /// Entities planned so far.
+    pub entities_planned: u64,
+    /// Rows counted by the planned entities.
+    pub rows_total: u64,
+    /// Rows in durable parts.
+    pub rows_durable: u64,
+    /// Rows streamed by live runs, not yet durable.
+    pub rows_pending: u64,
+    /// Bytes of JSON lines in durable parts.
+    pub bytes_raw: u64,
+    /// Bytes of JSON lines streamed, not yet durable.
+    pub bytes_raw_pending: u64,
+    /// Bytes stored.
+    pub bytes_compressed: u64,
+    /// Durable parts.
+    pub parts_done: u64,
+    /// Chunks planned.
+    pub chunks_total: u64,
+    /// Chunks done.
+    pub chunks_done: u64,
+    /// Manifest path, once written.
+    pub manifest: Option<String>,
+    /// Why the operation failed.
+    pub error: Option<String>,
+    /// Change counter.
+    pub sequence: u64,
+    /// When accepted.
+    pub created_at: DateTime<Utc>,
+    /// When last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When the first entity was planned (chunks began to run).
+    pub running_since: Option<DateTime<Utc>>,
+}
+
+/// An entity's stored figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityRecord {
+    /// Entity name.
+    pub name: String,
+    /// Position in the plan.
+    pub ordinal: u32,
+    /// Where it stands.
+    pub state: EntityState,
+    /// Rows counted when planned.
+    pub rows_total: u64,
+    /// Rows in durable parts.
+    pub rows_durable: u64,
+    /// Rows streamed, not yet durable.
+    pub rows_pending: u64,
+    /// Bytes of JSON lines in durable parts.
+    pub bytes_raw: u64,
+    /// Bytes of JSON lines streamed, not yet durable.
+    pub bytes_raw_pending: u64,
+    /// Bytes stored.
+    pub bytes_compressed: u64,
+    /// Chunks planned.
+    pub chunks_total: u64,
+    /// Chunks done.
+    pub chunks_done: u64,
+}
+
+/// The coordinator's durable state. Every method is one transaction.
+///
+/// Implementations apply worker reports idempotently (a duplicate changes
+/// nothing), fence chunk reports by the owning run, keep counters
+/// incrementally, and queue every job and public event in the outbox in the
+/// same transaction as the change that caused it.
+pub trait StateStore: Send + Sync + 'static {
+    /// The deployment's secret for continuation tokens (created once, shared by every instance).
+    fn token_secret(&self) -> &[u8; 32];
+
+    /// The operation a submission already created: by its id, or by the command's message id.
+    fn find_submission(
+        &self,
+        operation_id: Option<Uuid>,
+        command_id: Option<&str>,
+    ) -> impl Future<Output = Result<Option<Uuid>, CoordinatorError>> + Send;
+
+    /// Records a backup (state `planning`), its entities, one `plan_entity`
+    /// job per entity and a progress event; nothing when it exists already.
+    fn submit_backup(
+        &self,
+        backup: &NewBackup,
+    ) -> impl Future<Output = Result<Submitted, CoordinatorError>> + Send;
+
+    /// The progress report of one operation.
+    fn report(
+        &self,
+        operation_id: Uuid,
+    ) -> impl Future<Output = Result<Option<ProgressReport>, CoordinatorError>> + Send;
+
+    /// Reports of the newest `limit` operations, newest first.
+    fn list_reports(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ProgressReport>, CoordinatorError>> + Send;
+
+    /// Applies one worker report (every kind but `claim_chunk`).
+    fn apply(
+        &self,
+        event: &WorkerEvent,
+    ) -> impl Future<Output = Result<Applied, CoordinatorError>> + Send;
+
+    /// Decides a chunk claim; a granted claim makes the run the chunk's owner.
+    fn claim_chunk(
+        &self,
+        claim: &ClaimChunk,
+    ) -> impl Future<Output = Result<ChunkClaim, CoordinatorError>> + Send;
+
+    /// Re-publishes chunks whose lease expired before `now` with the next attempt.
+    fn reap_expired_leases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, CoordinatorError>> + Send;
+
+    /// Queues the progress event of operations whose last change was not yet
+    /// announced (held back by the progress interval).
+    fn flush_progress(
+        &self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64, CoordinatorError>> + Send;
+
+    /// Publishes up to `batch` outbox messages in order through `sink` and
+    /// removes them, unless another coordinator is draining.
+    fn drain_outbox<K: OutboxSink>(
+        &self,
+        sink: &K,
+        batch: usize,
+    ) -> impl Future<Output = Result<Drained, CoordinatorError>> + Send;
+}

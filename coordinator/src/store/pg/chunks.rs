@@ -1,0 +1,387 @@
+//! Chunk reports (progress, parts, done, failed), fenced by the run that owns the chunk.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::Json;
+use tracing::warn;
+use uuid::Uuid;
+
+use koan_protocol::events::{ChunkDone, ChunkFailed, ChunkProgress, PartWritten};
+use koan_protocol::plan::EntitySpec;
+
+use crate::error::CoordinatorError;
+use crate::store::Applied;
+use crate::store::rules::{ChunkState, check_part_path, chunk_failure};
+
+use super::db::{Db, delta, get, int, int4, uint, uint4};
+use super::finalize::finalize_if_done;
+use super::operations::{Delta, OperationRow, apply_delta, fail};
+
+/// A chunk as read (and locked) for a decision.
+#[derive(Debug, Clone)]
+pub(super) struct ChunkRow {
+    pub state: ChunkState,
+    pub attempt: u32,
+    pub failures: u32,
+    pub owner_run: Option<String>,
+    pub rows_durable: u64,
+    pub rows_pending: u64,
+    pub raw_pending: u64,
+    pub parts: u32,
+    pub parts_expected: Option<u32>,
+}
+
+impl ChunkRow {
+    pub fn owned_by(&self, run: &str) -> bool {
+        self.owner_run.as_deref() == Some(run)
+    }
+}
+
+pub(super) async fn lock_chunk(
+    db: &Db<'_>,
+    operation_id: Uuid,
+    entity: &str,
+    chunk: u32,
+) -> Result<Option<ChunkRow>, CoordinatorError> {
+    let Ok(chunk) = i32::try_from(chunk) else {
+        return Ok(None);
+    };
+    let Some(row) = db
+        .query_opt(
+            "lock chunk",
+            "SELECT state, attempt, failures, owner_run, rows_durable, rows_pending, raw_pending,
+                    parts, parts_expected
+             FROM {s}.chunks WHERE operation_id = $1 AND entity = $2 AND chunk = $3 FOR UPDATE",
+            &[&operation_id, &entity, &chunk],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let state: String = get(&row, "state")?;
+    Ok(Some(ChunkRow {
+        state: ChunkState::parse(&state)
+            .ok_or_else(|| CoordinatorError::corrupt("chunk state", &state))?,
+        attempt: uint4(get(&row, "attempt")?),
+        failures: uint4(get(&row, "failures")?),
+        owner_run: get(&row, "owner_run")?,
+        rows_durable: uint(get(&row, "rows_durable")?),
+        rows_pending: uint(get(&row, "rows_pending")?),
+        raw_pending: uint(get(&row, "raw_pending")?),
+        parts: uint4(get(&row, "parts")?),
+        parts_expected: get::<Option<i32>>(&row, "parts_expected")?.map(uint4),
+    }))
+}
+
+pub(super) fn lease_until(db: &Db<'_>) -> DateTime<Utc> {
+    db.now
+        + chrono::Duration::from_std(db.store.policy().lease)
+            .unwrap_or_else(|_| chrono::Duration::seconds(60))
+}
+
+/// Reads a chunk the report's run owns, or says why the report changes nothing.
+async fn owned_chunk(
+    db: &Db<'_>,
+    operation_id: Uuid,
+    entity: &str,
+    chunk: u32,
+    run: &str,
+) -> Result<Result<ChunkRow, &'static str>, CoordinatorError> {
+    let Some(row) = lock_chunk(db, operation_id, entity, chunk).await? else {
+        return Ok(Err("unknown chunk"));
+    };
+    if !row.owned_by(run) {
+        return Ok(Err("report from a run that does not own the chunk"));
+    }
+    if matches!(row.state, ChunkState::Done | ChunkState::Failed) {
+        return Ok(Err("chunk is finished"));
+    }
+    Ok(Ok(row))
+}
+
+pub(super) async fn progress(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    report: &ChunkProgress,
+) -> Result<Applied, CoordinatorError> {
+    let chunk = match owned_chunk(
+        db,
+        operation.record.id,
+        &report.entity,
+        report.chunk,
+        &report.run,
+    )
+    .await?
+    {
+        Ok(chunk) => chunk,
+        Err(reason) => return Ok(Applied::Unchanged(reason)),
+    };
+    db.execute(
+        "record chunk progress",
+        "UPDATE {s}.chunks SET rows_pending = $4, raw_pending = $5, lease_until = $6, updated_at = $7
+         WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
+        &[
+            &operation.record.id,
+            &report.entity,
+            &int4(report.chunk),
+            &int(report.rows_pending),
+            &int(report.raw_bytes_pending),
+            &lease_until(db),
+            &db.now,
+        ],
+    )
+    .await?;
+    let change = Delta {
+        rows_pending: delta(report.rows_pending, chunk.rows_pending),
+        bytes_raw_pending: delta(report.raw_bytes_pending, chunk.raw_pending),
+        ..Delta::default()
+    };
+    apply_delta(db, operation, &report.entity, change).await?;
+    Ok(Applied::Changed)
+}
+
+pub(super) async fn part_written(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    report: &PartWritten,
+) -> Result<Applied, CoordinatorError> {
+    let operation_id = operation.record.id;
+    let chunk =
+        match owned_chunk(db, operation_id, &report.entity, report.chunk, &report.run).await? {
+            Ok(chunk) => chunk,
+            Err(reason) => return Ok(Applied::Unchanged(reason)),
+        };
+    let spec_row = db
+        .query_opt(
+            "read entity spec",
+            "SELECT spec FROM {s}.entities WHERE operation_id = $1 AND name = $2",
+            &[&operation_id, &report.entity],
+        )
+        .await?
+        .ok_or_else(|| CoordinatorError::corrupt("entity", "chunk without entity"))?;
+    let Json(spec): Json<EntitySpec> = get(&spec_row, "spec")?;
+    let part = &report.part;
+    let backup_id = operation.record.backup_id.unwrap_or(operation_id);
+    check_part_path(
+        &spec,
+        &operation.record.plan_id,
+        backup_id,
+        report.chunk,
+        &report.run,
+        part,
+    )?;
+    let part_number = i32::try_from(part.part).map_err(|_| {
+        CoordinatorError::InvalidReport(format!("part number {} is out of range", part.part))
+    })?;
+    let inserted = db
+        .execute(
+            "record part",
+            "INSERT INTO {s}.parts (operation_id, entity, chunk, part, run, path, first_key,
+                 last_key, rows, raw_bytes, compressed_bytes, blake3, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT DO NOTHING",
+            &[
+                &operation_id,
+                &report.entity,
+                &int4(report.chunk),
+                &part_number,
+                &report.run,
+                &part.path,
+                &part.first_key,
+                &part.last_key,
+                &int(part.rows),
+                &int(part.raw_bytes),
+                &int(part.compressed_bytes),
+                &part.blake3,
+                &db.now,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(Applied::Unchanged("part already recorded"));
+    }
+    let rows_pending = chunk.rows_pending.saturating_sub(part.rows);
+    let raw_pending = chunk.raw_pending.saturating_sub(part.raw_bytes);
+    let parts = chunk.parts.saturating_add(1);
+    db.execute(
+        "add part to chunk",
+        "UPDATE {s}.chunks SET rows_durable = rows_durable + $4, raw_bytes = raw_bytes + $5,
+             compressed_bytes = compressed_bytes + $6, parts = $7, rows_pending = $8,
+             raw_pending = $9, lease_until = $10, updated_at = $11
+         WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
+        &[
+            &operation_id,
+            &report.entity,
+            &int4(report.chunk),
+            &int(part.rows),
+            &int(part.raw_bytes),
+            &int(part.compressed_bytes),
+            &int4(parts),
+            &int(rows_pending),
+            &int(raw_pending),
+            &lease_until(db),
+            &db.now,
+        ],
+    )
+    .await?;
+    let change = Delta {
+        rows_durable: int(part.rows),
+        rows_pending: delta(rows_pending, chunk.rows_pending),
+        bytes_raw: int(part.raw_bytes),
+        bytes_raw_pending: delta(raw_pending, chunk.raw_pending),
+        bytes_compressed: int(part.compressed_bytes),
+        parts: 1,
+        chunks_done: 0,
+    };
+    apply_delta(db, operation, &report.entity, change).await?;
+    if chunk
+        .parts_expected
+        .is_some_and(|expected| parts >= expected)
+    {
+        complete(
+            db,
+            operation,
+            &report.entity,
+            report.chunk,
+            rows_pending,
+            raw_pending,
+        )
+        .await?;
+    }
+    Ok(Applied::Changed)
+}
+
+pub(super) async fn done(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    report: &ChunkDone,
+) -> Result<Applied, CoordinatorError> {
+    let chunk = match owned_chunk(
+        db,
+        operation.record.id,
+        &report.entity,
+        report.chunk,
+        &report.run,
+    )
+    .await?
+    {
+        Ok(chunk) => chunk,
+        Err(reason) => return Ok(Applied::Unchanged(reason)),
+    };
+    if chunk.parts >= report.parts {
+        if chunk.parts > report.parts {
+            warn!(operation_id = %operation.record.id, entity = %report.entity, chunk = report.chunk,
+                recorded = chunk.parts, reported = report.parts, "chunk reports fewer parts than recorded");
+        }
+        complete(
+            db,
+            operation,
+            &report.entity,
+            report.chunk,
+            chunk.rows_pending,
+            chunk.raw_pending,
+        )
+        .await?;
+        return Ok(Applied::Changed);
+    }
+    // Some part_written reports are still on their way: done once they are in.
+    db.execute(
+        "expect parts",
+        "UPDATE {s}.chunks SET parts_expected = $4, lease_until = $5, updated_at = $6
+         WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
+        &[
+            &operation.record.id,
+            &report.entity,
+            &int4(report.chunk),
+            &int4(report.parts),
+            &lease_until(db),
+            &db.now,
+        ],
+    )
+    .await?;
+    Ok(Applied::Changed)
+}
+
+/// Marks a chunk done, moves its pending figures out, and finalizes when it was the last.
+async fn complete(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    entity: &str,
+    chunk: u32,
+    rows_pending: u64,
+    raw_pending: u64,
+) -> Result<(), CoordinatorError> {
+    db.execute(
+        "complete chunk",
+        "UPDATE {s}.chunks SET state = 'done', rows_pending = 0, raw_pending = 0,
+             lease_until = NULL, parts_expected = parts, updated_at = $4
+         WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
+        &[&operation.record.id, &entity, &int4(chunk), &db.now],
+    )
+    .await?;
+    let change = Delta {
+        rows_pending: -int(rows_pending),
+        bytes_raw_pending: -int(raw_pending),
+        chunks_done: 1,
+        ..Delta::default()
+    };
+    apply_delta(db, operation, entity, change).await?;
+    finalize_if_done(db, operation).await
+}
+
+pub(super) async fn failed(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    report: &ChunkFailed,
+) -> Result<Applied, CoordinatorError> {
+    let chunk = match owned_chunk(
+        db,
+        operation.record.id,
+        &report.entity,
+        report.chunk,
+        &report.run,
+    )
+    .await?
+    {
+        Ok(chunk) => chunk,
+        Err(reason) => return Ok(Applied::Unchanged(reason)),
+    };
+    let failures = chunk.failures.saturating_add(1);
+    let max_attempts = db.store.policy().max_chunk_attempts;
+    let gave_up = !report.retryable || failures >= max_attempts;
+    let state = if gave_up {
+        ChunkState::Failed
+    } else {
+        ChunkState::Pending
+    };
+    db.execute(
+        "record chunk failure",
+        "UPDATE {s}.chunks SET state = $4, failures = $5, error = $6, owner_run = NULL,
+             worker = NULL, lease_until = NULL, rows_pending = 0, raw_pending = 0,
+             parts_expected = NULL, updated_at = $7
+         WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
+        &[
+            &operation.record.id,
+            &report.entity,
+            &int4(report.chunk),
+            &state.as_str(),
+            &int4(failures),
+            &report.error,
+            &db.now,
+        ],
+    )
+    .await?;
+    let lost = Delta {
+        rows_pending: -int(chunk.rows_pending),
+        bytes_raw_pending: -int(chunk.raw_pending),
+        ..Delta::default()
+    };
+    apply_delta(db, operation, &report.entity, lost).await?;
+    if gave_up {
+        let mut error = chunk_failure(&report.entity, report.chunk, &report.code, &report.error);
+        if report.retryable {
+            error.push_str(&format!(" (gave up after {failures} failed runs)"));
+        }
+        fail(operation, error);
+    }
+    Ok(Applied::Changed)
+}
