@@ -61,6 +61,18 @@ impl<'c> Db<'c> {
         text.replace("{s}", self.store.quoted_schema())
     }
 
+    /// Prepares (once per connection) a statement with the schema filled in.
+    async fn prepare(
+        &self,
+        operation: &'static str,
+        text: &str,
+    ) -> Result<tokio_postgres::Statement, CoordinatorError> {
+        self.tx
+            .prepare_cached(&self.sql(text))
+            .await
+            .map_err(db_error(operation))
+    }
+
     /// Rows of a statement.
     pub async fn query(
         &self,
@@ -68,11 +80,7 @@ impl<'c> Db<'c> {
         text: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, CoordinatorError> {
-        let statement = self
-            .tx
-            .prepare_cached(&self.sql(text))
-            .await
-            .map_err(db_error(operation))?;
+        let statement = self.prepare(operation, text).await?;
         self.tx
             .query(&statement, params)
             .await
@@ -86,11 +94,7 @@ impl<'c> Db<'c> {
         text: &str,
         params: &Params<'_>,
     ) -> Result<Option<Row>, CoordinatorError> {
-        let statement = self
-            .tx
-            .prepare_cached(&self.sql(text))
-            .await
-            .map_err(db_error(operation))?;
+        let statement = self.prepare(operation, text).await?;
         self.tx
             .query_opt(&statement, params)
             .await
@@ -104,11 +108,7 @@ impl<'c> Db<'c> {
         text: &str,
         params: &Params<'_>,
     ) -> Result<u64, CoordinatorError> {
-        let statement = self
-            .tx
-            .prepare_cached(&self.sql(text))
-            .await
-            .map_err(db_error(operation))?;
+        let statement = self.prepare(operation, text).await?;
         self.tx
             .execute(&statement, params)
             .await
