@@ -50,16 +50,142 @@ pub struct ListOperations {
     pub limit: Option<u32>,
 }
 
+/// How a restore reconciles archived rows with rows already in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// Insert missing rows; replace a row only when the archived version is
+    /// newer. Without a version it behaves as `overwrite`.
+    #[default]
+    Merge,
+    /// Upsert every archived row.
+    Overwrite,
+    /// Insert only rows whose key is absent.
+    SkipExisting,
+    /// Empty the scope, then load, in one transaction.
+    Replace,
+}
+
+impl RestoreMode {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::Overwrite => "overwrite",
+            Self::SkipExisting => "skip-existing",
+            Self::Replace => "replace",
+        }
+    }
+}
+
+/// Restore a backup into the entity store.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRestore {
+    /// The backup to restore (its backup id).
+    pub backup_id: Uuid,
+    /// Client-chosen operation id; submitting it twice is one operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<Uuid>,
+    /// Reconciliation mode (default `merge`).
+    #[serde(default)]
+    pub mode: RestoreMode,
+    /// Entities to restore; empty means every entity of the backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entities: Vec<String>,
+    /// The scope this restore acts for. A backup of another scope is refused
+    /// unless `target_scope` names this scope explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Restore into this scope instead of the backup's own, re-stamping every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_scope: Option<String>,
+    /// Worker pool whose workers write the rows (and whose source is the target);
+    /// default: each entity's pool from the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Free labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Check that a backup is whole, without restoring it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBackup {
+    /// The backup to verify.
+    pub backup_id: Uuid,
+    /// Client-chosen operation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<Uuid>,
+}
+
+/// List the rows a restore could not write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticsQuery {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// Include rows already replayed successfully (default false).
+    #[serde(default)]
+    pub include_resolved: bool,
+}
+
+/// Retry the failed rows of a restore, after their cause was fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRows {
+    /// The restore whose diagnostics to replay.
+    pub operation_id: Uuid,
+    /// Client-chosen id of the replay operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_id: Option<Uuid>,
+}
+
 message_family! {
     /// A command to the coordinator; the envelope kind is also the routing key.
     pub enum Command: "command" {
         /// `start_backup`.
         StartBackup(StartBackup) = "start_backup",
+        /// `start_restore`.
+        StartRestore(StartRestore) = "start_restore",
+        /// `verify`: start a verify operation.
+        Verify(VerifyBackup) = "verify",
         /// `status`: reply with the operation's progress report.
         Status(OperationRef) = "status",
         /// `list`: reply with recent operations.
         List(ListOperations) = "list",
+        /// `diagnostics`: reply with a restore's failed rows.
+        Diagnostics(DiagnosticsQuery) = "diagnostics",
+        /// `replay`: start a replay operation of a restore's failed rows.
+        Replay(ReplayRows) = "replay",
     }
+}
+
+/// One row a restore could not write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowDiagnostic {
+    /// Stable id of the diagnostic within the coordinator.
+    pub id: i64,
+    /// Entity.
+    pub entity: String,
+    /// The failure.
+    pub failure: crate::events::RowFailure,
+    /// True once a replay wrote the row.
+    #[serde(default)]
+    pub resolved: bool,
+}
+
+/// A restore's failed rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostics {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// Its failed rows, in the order they were recorded.
+    pub rows: Vec<RowDiagnostic>,
 }
 
 /// The command was accepted.
@@ -99,5 +225,7 @@ message_family! {
         Status(ProgressReport) = "status",
         /// `operations`.
         Operations(Operations) = "operations",
+        /// `diagnostics`.
+        Diagnostics(Diagnostics) = "diagnostics",
     }
 }

@@ -175,6 +175,168 @@ pub struct FinalizeFailed {
     pub retryable: bool,
 }
 
+/// One row a restore could not write, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowFailure {
+    /// The row's key, when the line could be read far enough.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The part it came from.
+    #[serde(default)]
+    pub part: Option<String>,
+    /// Line number in the part, from 1.
+    #[serde(default)]
+    pub line_no: Option<u64>,
+    /// Short stable code (`unparsable_line`, `constraint_violation`, `type_mismatch`, `scope_conflict`, ...).
+    pub code: String,
+    /// The reason, from the parser or the database.
+    pub reason: String,
+    /// The raw archive line, to replay it.
+    pub line: String,
+}
+
+/// A restore was planned from the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestorePlanned {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// The entities restored, in manifest order.
+    pub entities: Vec<RestoreEntity>,
+}
+
+/// One entity of a planned restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreEntity {
+    /// The entity as archived.
+    pub spec: EntitySpec,
+    /// `replace` mode: the staging table created for it.
+    #[serde(default)]
+    pub staging_table: Option<String>,
+    /// Its parts, in archive order; their index is the import unit.
+    pub parts: Vec<RestorePart>,
+}
+
+/// One part to import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePart {
+    /// Chunk of the part.
+    pub chunk: u32,
+    /// The part as the manifest describes it.
+    pub part: PartInfo,
+}
+
+/// A restore, replay or verify failed as a whole (bad manifest, missing table...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationFailed {
+    /// The operation.
+    pub operation_id: Uuid,
+    /// Short stable code.
+    pub code: String,
+    /// What went wrong, naming the entity, table or part.
+    pub error: String,
+}
+
+/// A part was imported (its transaction committed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartImported {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// Entity.
+    pub entity: String,
+    /// Import unit (index of the part among the entity's parts).
+    pub unit: u32,
+    /// Rows inserted or updated (staged, in `replace` mode).
+    pub rows_written: u64,
+    /// Rows left as they were.
+    pub rows_skipped: u64,
+    /// Rows that failed, isolated from the rest.
+    #[serde(default)]
+    pub failures: Vec<RowFailure>,
+    /// Bytes of JSON lines read.
+    pub raw_bytes: u64,
+}
+
+/// A part could not be imported; nothing from it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportFailed {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// Entity.
+    pub entity: String,
+    /// Import unit.
+    pub unit: u32,
+    /// Short stable code (`hash_mismatch`, `row_count_mismatch`, `missing_part`, ...).
+    pub code: String,
+    /// What went wrong, naming the part.
+    pub error: String,
+    /// False when retrying cannot help: the operation fails.
+    pub retryable: bool,
+}
+
+/// `replace` mode: an entity's staged rows replaced its scope in the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreApplied {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// Entity.
+    pub entity: String,
+    /// Rows written.
+    pub rows_written: u64,
+    /// Rows of the scope removed first.
+    pub rows_removed: u64,
+    /// Rows that could not be written.
+    #[serde(default)]
+    pub failures: Vec<RowFailure>,
+}
+
+/// A replay job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayDone {
+    /// The replay operation.
+    pub operation_id: Uuid,
+    /// Diagnostics whose rows are now written.
+    pub resolved: Vec<i64>,
+    /// Diagnostics whose rows failed again, with the new reason.
+    pub failed: Vec<ReplayFailure>,
+}
+
+/// A replayed row that failed again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayFailure {
+    /// The diagnostic.
+    pub diagnostic_id: i64,
+    /// Why it failed this time.
+    pub failure: RowFailure,
+}
+
+/// Verify progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyProgress {
+    /// The verify operation.
+    pub operation_id: Uuid,
+    /// Parts checked so far.
+    pub parts_done: u64,
+    /// Parts in the backup.
+    pub parts_total: u64,
+    /// Rows read so far.
+    pub rows_done: u64,
+    /// Rows in the backup.
+    pub rows_total: u64,
+}
+
+/// Verify ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyDone {
+    /// The verify operation.
+    pub operation_id: Uuid,
+    /// Parts checked.
+    pub parts_checked: u64,
+    /// Rows read.
+    pub rows: u64,
+    /// Each bad or missing part, named with what is wrong; empty when whole.
+    pub problems: Vec<String>,
+}
+
 message_family! {
     /// A report from a worker to the coordinator.
     pub enum WorkerEvent: "worker event" {
@@ -196,6 +358,22 @@ message_family! {
         ManifestWritten(ManifestWritten) = "manifest_written",
         /// `finalize_failed`.
         FinalizeFailed(FinalizeFailed) = "finalize_failed",
+        /// `restore_planned`.
+        RestorePlanned(RestorePlanned) = "restore_planned",
+        /// `operation_failed`: a restore, replay or verify failed as a whole.
+        OperationFailed(OperationFailed) = "operation_failed",
+        /// `part_imported`.
+        PartImported(PartImported) = "part_imported",
+        /// `import_failed`.
+        ImportFailed(ImportFailed) = "import_failed",
+        /// `restore_applied`.
+        RestoreApplied(RestoreApplied) = "restore_applied",
+        /// `replay_done`.
+        ReplayDone(ReplayDone) = "replay_done",
+        /// `verify_progress`.
+        VerifyProgress(VerifyProgress) = "verify_progress",
+        /// `verify_done`.
+        VerifyDone(VerifyDone) = "verify_done",
     }
 }
 
@@ -212,6 +390,14 @@ impl WorkerEvent {
             Self::ChunkFailed(event) => event.operation_id,
             Self::ManifestWritten(event) => event.operation_id,
             Self::FinalizeFailed(event) => event.operation_id,
+            Self::RestorePlanned(event) => event.operation_id,
+            Self::OperationFailed(event) => event.operation_id,
+            Self::PartImported(event) => event.operation_id,
+            Self::ImportFailed(event) => event.operation_id,
+            Self::RestoreApplied(event) => event.operation_id,
+            Self::ReplayDone(event) => event.operation_id,
+            Self::VerifyProgress(event) => event.operation_id,
+            Self::VerifyDone(event) => event.operation_id,
         }
     }
 }

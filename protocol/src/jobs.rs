@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::archive::{KeyRange, Manifest};
+use crate::archive::{KeyRange, Manifest, PartInfo};
+use crate::commands::RestoreMode;
 use crate::message_family;
 use crate::plan::{Consistency, EntitySpec};
 
@@ -61,6 +62,101 @@ pub struct Finalize {
     pub manifest: Manifest,
 }
 
+/// Read a backup's manifest and plan its restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRestore {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// The backup restored.
+    pub backup_id: Uuid,
+    /// Its manifest.
+    pub manifest_path: String,
+    /// Reconciliation mode.
+    pub mode: RestoreMode,
+    /// Entities to restore; empty means all.
+    #[serde(default)]
+    pub entities: Vec<String>,
+    /// Scope to re-stamp rows with, when restoring into another scope.
+    #[serde(default)]
+    pub target_scope: Option<String>,
+}
+
+/// Where and how imported rows are written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreTarget {
+    /// Reconciliation mode.
+    pub mode: RestoreMode,
+    /// Scope to re-stamp rows with.
+    #[serde(default)]
+    pub target_scope: Option<String>,
+    /// `replace` mode: the staging table parts are loaded into before the swap.
+    #[serde(default)]
+    pub staging_table: Option<String>,
+}
+
+/// Import one archived part into the target (or its staging table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportPart {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// The entity as archived (from the manifest).
+    pub entity: EntitySpec,
+    /// Where and how to write.
+    pub target: RestoreTarget,
+    /// Index of this part among the entity's parts (the restore's unit of work).
+    pub unit: u32,
+    /// Chunk the part belongs to.
+    pub chunk: u32,
+    /// The part, as the manifest describes it (path, rows, hash).
+    pub part: PartInfo,
+}
+
+/// `replace` mode: swap an entity's staged rows into the target in one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApplyRestore {
+    /// The restore operation.
+    pub operation_id: Uuid,
+    /// The entity as archived.
+    pub entity: EntitySpec,
+    /// Where and how to write (with the staging table).
+    pub target: RestoreTarget,
+}
+
+/// One archived line to write again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayLine {
+    /// The diagnostic it comes from.
+    pub diagnostic_id: i64,
+    /// The raw archive line.
+    pub line: String,
+}
+
+/// Write again the lines a restore could not write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayJob {
+    /// The replay operation.
+    pub operation_id: Uuid,
+    /// The restore replayed.
+    pub restore_id: Uuid,
+    /// The entity as archived.
+    pub entity: EntitySpec,
+    /// Where and how to write (`replace` replays as `overwrite`: the swap is done).
+    pub target: RestoreTarget,
+    /// The lines.
+    pub lines: Vec<ReplayLine>,
+}
+
+/// Check every part of a backup against its manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyJob {
+    /// The verify operation.
+    pub operation_id: Uuid,
+    /// The backup verified.
+    pub backup_id: Uuid,
+    /// Its manifest.
+    pub manifest_path: String,
+}
+
 message_family! {
     /// A job for a worker pool.
     pub enum Job: "job" {
@@ -70,6 +166,16 @@ message_family! {
         ExportChunk(ExportChunk) = "export_chunk",
         /// `finalize`.
         Finalize(Finalize) = "finalize",
+        /// `plan_restore`.
+        PlanRestore(PlanRestore) = "plan_restore",
+        /// `import_part`.
+        ImportPart(ImportPart) = "import_part",
+        /// `apply_restore`.
+        ApplyRestore(ApplyRestore) = "apply_restore",
+        /// `replay_rows`.
+        Replay(ReplayJob) = "replay_rows",
+        /// `verify_backup`.
+        Verify(VerifyJob) = "verify_backup",
     }
 }
 
@@ -80,6 +186,11 @@ impl Job {
             Self::PlanEntity(job) => job.operation_id,
             Self::ExportChunk(job) => job.operation_id,
             Self::Finalize(job) => job.operation_id,
+            Self::PlanRestore(job) => job.operation_id,
+            Self::ImportPart(job) => job.operation_id,
+            Self::ApplyRestore(job) => job.operation_id,
+            Self::Replay(job) => job.operation_id,
+            Self::Verify(job) => job.operation_id,
         }
     }
 }

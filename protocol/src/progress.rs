@@ -10,8 +10,10 @@ use uuid::Uuid;
 pub enum OperationKind {
     /// A backup.
     Backup,
-    /// A restore.
+    /// A restore (or a replay of a restore's failed rows).
     Restore,
+    /// A verification of a backup.
+    Verify,
 }
 
 impl OperationKind {
@@ -20,6 +22,7 @@ impl OperationKind {
         match self {
             Self::Backup => "backup",
             Self::Restore => "restore",
+            Self::Verify => "verify",
         }
     }
 }
@@ -152,4 +155,22 @@ pub struct ProgressReport {
     pub updated_at: DateTime<Utc>,
     /// Increases with every change; lets a client order reports.
     pub sequence: u64,
+    /// Restores: the reconciliation mode.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Restores: rows inserted or updated in the target.
+    #[serde(default)]
+    pub rows_written: u64,
+    /// Restores: rows left as they were (newer in the target, or existing under `skip-existing`).
+    #[serde(default)]
+    pub rows_skipped: u64,
+    /// Restores: rows that failed and were recorded as diagnostics.
+    #[serde(default)]
+    pub rows_failed: u64,
+    /// Verify: each bad or missing part, named.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// Restores and verifies: the operation this one replays, or the backup it reads.
+    #[serde(default)]
+    pub source_operation: Option<Uuid>,
 }

@@ -55,6 +55,8 @@ pub const COMMAND_ROUTING_KEYS: &[&str] = &[
     "verify",
     "status",
     "list",
+    "diagnostics",
+    "replay",
 ];
 
 /// Queue of a worker pool.
