@@ -196,6 +196,10 @@ pub struct Accepted {
     /// True when the operation already existed (a repeated submission).
     #[serde(default)]
     pub existing: bool,
+    /// Things the client should tell its user (for example: `merge` on an
+    /// entity without a version behaves as `overwrite`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The command was refused.
