@@ -1,8 +1,10 @@
 //! koan-coordinator: the control plane of koan-backup.
 //!
-//! Accepts commands, records every operation, entity, chunk and part in its
-//! state store, publishes jobs to worker pools, applies worker reports
-//! idempotently and publishes progress with continuation tokens. It never
+//! Accepts commands, records every operation (backups, restores, replays of
+//! a restore's failed rows, verifies), entity, chunk, part, restore unit and
+//! restore diagnostic in its state store, publishes jobs to worker pools,
+//! applies worker reports idempotently and publishes progress with
+//! continuation tokens. It never
 //! reads tenant rows and never touches archive storage: everything that
 //! touches data is a job. `design.md` beside this crate explains the subtle
 //! parts (idempotence, fencing, the outbox, percent, tokens).
@@ -14,13 +16,15 @@
 //! - [`error`]: [`CoordinatorError`], with a stable code and a retry decision.
 //! - [`plans`]: [`PlanRegistry`], plans loaded from `*.toml` files.
 //! - [`commands`]: [`Commands`], `start_backup`, `status` and `list`, answered
-//!   on `reply_to`; [`SourceCatalog`] checks plans against the source's catalog.
+//!   on `reply_to`; [`SourceCatalog`] checks plans against the source's catalog;
+//!   [`commands::restores`]: `start_restore`, `verify`, `diagnostics`, `replay`.
 //! - [`reports`]: [`Reports`], worker reports and chunk claims applied to the state store.
 //! - [`broker`]: queues consumed in order and acked after commit and reply;
 //!   the outbox drainer publishing queued jobs and events with confirms.
 //! - [`progress`]: percent, ETA, continuation token and the progress report (pure).
 //! - [`store`]: the backend-neutral [`StateStore`] trait, the rules every
-//!   backend shares, and [`PgStateStore`] (PostgreSQL, migrations in `.sql` files).
+//!   backend shares (backups in `rules`, restores, replays and verifies in
+//!   `restore_rules`), and [`PgStateStore`] (PostgreSQL, migrations in `.sql` files).
 
 #![warn(missing_docs)]
 

@@ -7,6 +7,10 @@
 //!   the plan has no rows), rounded down to a tenth.
 //! - 99 while the manifest is written; exactly 100 only once it is.
 //! - It never decreases: the stored value is the greatest ever computed.
+//!
+//! Restores, replays and verifies use the same figures: their units (parts,
+//! replay batches, verified parts) are the chunks, and rows imported, replayed
+//! or verified are the durable rows.
 
 use chrono::{DateTime, Utc};
 
@@ -127,7 +131,7 @@ pub fn report(
     let counters = Counters::of(operation);
     ProgressReport {
         operation_id: operation.id,
-        kind: operation.kind,
+        kind: operation.kind(),
         state: operation.state,
         plan_id: operation.plan_id.clone(),
         backup_id: operation.backup_id,
@@ -150,6 +154,12 @@ pub fn report(
         created_at: operation.created_at,
         updated_at: operation.updated_at,
         sequence: operation.sequence,
+        mode: operation.mode.map(|mode| mode.as_str().to_string()),
+        rows_written: operation.rows_written,
+        rows_skipped: operation.rows_skipped,
+        rows_failed: operation.rows_failed,
+        problems: operation.problems.clone(),
+        source_operation: operation.source_operation,
     }
 }
 

@@ -32,6 +32,21 @@ macro_rules! conformance {
     };
 }
 
+/// Checks that drive the store through `Commands`, which holds it in an `Arc`.
+macro_rules! conformance_commands {
+    ($($module:ident :: $check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let schema = TestSchema::new().await;
+                let store = std::sync::Arc::new(schema.store(conformance::policy()).await);
+                conformance::$module::$check(std::sync::Arc::clone(&store)).await;
+                store.close();
+            }
+        )+
+    };
+}
+
 conformance! {
     checks::submission_is_idempotent,
     checks::entity_planned_twice_creates_chunks_once,
@@ -44,6 +59,23 @@ conformance! {
     flows::expired_leases_republish_with_the_next_attempt,
     flows::empty_entities_finalize_at_once,
     flows::parts_may_arrive_after_chunk_done,
+    restores::restore_planned_twice_creates_units_once,
+    restores::part_imported_twice_counts_once,
+    restores::diagnostics_are_recorded_and_listed,
+    replays::replay_resolves_without_duplicates,
+    replays::replays_are_batched_per_entity,
+    restores::replace_mode_applies_each_entity,
+    restores::restore_percent_is_monotonic_to_100,
+    restores::empty_restores_complete_at_once,
+    restores::import_failures_fail_the_restore,
+    verifies::verify_done_with_and_without_problems,
+    restores::reports_for_another_kind_are_invalid,
+}
+
+conformance_commands! {
+    requests::unknown_backups_are_refused,
+    requests::cross_scope_restores_are_refused,
+    requests::diagnostics_and_replays_by_command,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +104,7 @@ async fn coordinators_starting_together_migrate_once() {
         )
         .await
         .unwrap();
-    assert_eq!(versions.len(), 1);
+    assert_eq!(versions.len(), 2, "every migration once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,4 +205,90 @@ async fn progress_events_are_paced_but_never_lost() {
     let events = conformance::events(&conformance::drain(&store, 100).await);
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].report().state.as_str(), "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redelivered_restore_reports_apply_once_across_coordinators() {
+    use koan_coordinator::store::Applied;
+    use koan_protocol::commands::RestoreMode;
+
+    let schema = TestSchema::new().await;
+    let first = schema.store(conformance::policy()).await;
+    let second = schema.store(conformance::policy()).await;
+    let backup_id = conformance::completed_backup(&first).await;
+    let restore_id =
+        conformance::restore(&first, backup_id, RestoreMode::Overwrite, &["orders"], None).await;
+    let planned = conformance::restore_planned(restore_id, &[("orders", 2)], false);
+    let failures = vec![conformance::row_failure("orders", "k", "type_mismatch")];
+    let imported = conformance::imported(restore_id, "orders", 0, 40, failures);
+    // Two coordinators receive copies of the same reports at once.
+    let (a, b) = tokio::join!(first.apply(&planned), second.apply(&planned));
+    let outcomes = [a.unwrap(), b.unwrap()];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|applied| **applied == Applied::Changed)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    let (a, b, c) = tokio::join!(
+        first.apply(&imported),
+        second.apply(&imported),
+        first.apply(&imported)
+    );
+    let outcomes = [a.unwrap(), b.unwrap(), c.unwrap()];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|applied| **applied == Applied::Changed)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    let report = conformance::report(&first, restore_id).await;
+    assert_eq!((report.chunks_total, report.chunks_done), (2, 1));
+    assert_eq!(
+        (report.rows_done, report.rows_written, report.rows_failed),
+        (50, 40, 1)
+    );
+    assert_eq!(
+        first.diagnostics(restore_id, true, 10).await.unwrap().len(),
+        1
+    );
+    let imports = conformance::jobs(&conformance::drain(&first, 100).await)
+        .into_iter()
+        .filter(|(_, job)| matches!(job, koan_protocol::jobs::Job::ImportPart(_)))
+        .count();
+    assert_eq!(imports, 2, "one import job per unit");
+
+    // Replays of one restore submitted at once are serialized (the restore's
+    // row is locked); each carries every unresolved row, and writing a row
+    // twice upserts it by key.
+    let done = conformance::imported(restore_id, "orders", 1, 50, Vec::new());
+    conformance::changes(&first, done).await;
+    let replay = |operation_id| koan_coordinator::store::NewReplay {
+        operation_id,
+        command_id: None,
+        restore_id,
+    };
+    let (x, y) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let (replay_x, replay_y) = (replay(x), replay(y));
+    let (a, b) = tokio::join!(
+        first.submit_replay(&replay_x),
+        second.submit_replay(&replay_y)
+    );
+    for submission in [a.unwrap(), b.unwrap()] {
+        assert!(
+            matches!(
+                submission,
+                koan_coordinator::store::ReplaySubmission::Submitted(_)
+            ),
+            "{submission:?}"
+        );
+    }
+    for id in [x, y] {
+        let replay = conformance::report(&first, id).await;
+        assert_eq!((replay.rows_total, replay.chunks_total), (1, 1));
+    }
 }

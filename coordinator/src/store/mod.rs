@@ -1,10 +1,11 @@
 //! The state store: every operation, entity, chunk, part and outgoing message
 //! the coordinator knows of, behind the backend-neutral [`StateStore`] trait.
 //!
-//! Backends implement whole, transactional steps (submit a backup, apply one
-//! worker report, drain the outbox) and share the decisions in [`rules`] and
-//! [`crate::progress`], so every backend behaves alike; one conformance suite
-//! (`tests/conformance`) runs against each of them.
+//! Backends implement whole, transactional steps (submit a backup, a restore,
+//! a verify or a replay, apply one worker report, drain the outbox) and share
+//! the decisions in [`rules`], [`restore_rules`] and [`crate::progress`], so
+//! every backend behaves alike; one conformance suite (`tests/conformance`)
+//! runs against each of them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,14 +14,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use koan_protocol::commands::{RestoreMode, RowDiagnostic};
 use koan_protocol::events::{ChunkClaim, ClaimChunk, WorkerEvent};
-use koan_protocol::plan::{BackupPlan, Consistency};
+use koan_protocol::plan::{BackupPlan, Consistency, EntitySpec};
 use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
 
 use crate::config::Config;
 use crate::error::CoordinatorError;
 
 pub mod pg;
+pub mod restore_rules;
 pub mod rules;
 
 pub use pg::PgStateStore;
@@ -77,6 +80,100 @@ pub struct NewBackup {
     pub labels: BTreeMap<String, String>,
     /// Description given at submission (or the plan's).
     pub description: Option<String>,
+}
+
+/// A completed backup, as recorded when it ran: what restores and verifies read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupSource {
+    /// The backup operation.
+    pub operation_id: Uuid,
+    /// The backup id (the archive written).
+    pub backup_id: Uuid,
+    /// Where the backup operation stands (only `completed` backups can be read).
+    pub state: OperationState,
+    /// The plan as run.
+    pub plan: BackupPlan,
+    /// Manifest path, once written.
+    pub manifest: Option<String>,
+    /// The entities as backed up (key types resolved), in plan order.
+    pub entities: Vec<EntitySpec>,
+}
+
+impl BackupSource {
+    /// Whether the backup is complete: its manifest is written.
+    pub fn is_complete(&self) -> bool {
+        self.state == OperationState::Completed && self.manifest.is_some()
+    }
+
+    /// The pool of the backup's first entity (where operation-wide jobs go).
+    pub fn first_pool(&self) -> &str {
+        self.entities
+            .first()
+            .map_or(koan_protocol::plan::DEFAULT_POOL, |entity| {
+                entity.pool.as_str()
+            })
+    }
+}
+
+/// A restore to record: the backup is complete and the request checked already.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRestore {
+    /// Operation id (the client's, or a fresh UUIDv7).
+    pub operation_id: Uuid,
+    /// The AMQP `message_id` of the command.
+    pub command_id: Option<String>,
+    /// The backup restored.
+    pub backup: BackupSource,
+    /// Reconciliation mode.
+    pub mode: RestoreMode,
+    /// The entity filter as given (empty: every entity), passed to the planning worker.
+    pub filter: Vec<String>,
+    /// The entities restored, in plan order (specs as backed up).
+    pub entities: Vec<EntitySpec>,
+    /// Scope to re-stamp rows with.
+    pub target_scope: Option<String>,
+    /// Pool every job of the restore goes to, instead of each entity's.
+    pub pool: Option<String>,
+    /// Labels given at submission.
+    pub labels: BTreeMap<String, String>,
+    /// Description given at submission.
+    pub description: Option<String>,
+}
+
+/// A verify to record: the backup is complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVerify {
+    /// Operation id (the client's, or a fresh UUIDv7).
+    pub operation_id: Uuid,
+    /// The AMQP `message_id` of the command.
+    pub command_id: Option<String>,
+    /// The backup verified.
+    pub backup: BackupSource,
+}
+
+/// A replay of a restore's unresolved diagnostics to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReplay {
+    /// Operation id of the replay (the client's, or a fresh UUIDv7).
+    pub operation_id: Uuid,
+    /// The AMQP `message_id` of the command.
+    pub command_id: Option<String>,
+    /// The restore whose diagnostics are replayed.
+    pub restore_id: Uuid,
+}
+
+/// The outcome of a replay submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplaySubmission {
+    /// Recorded (or found, when it existed already).
+    Submitted(Submitted),
+    /// Refused: a stable code and a message naming the restore.
+    Refused {
+        /// `unknown_operation`, `not_a_restore`, `restore_running` or `nothing_to_replay`.
+        code: &'static str,
+        /// What is wrong.
+        error: String,
+    },
 }
 
 /// The outcome of a submission.
@@ -161,18 +258,59 @@ impl EntityState {
     }
 }
 
+/// What an operation does, as stored: a replay is reported as a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationRole {
+    /// Writes a backup.
+    Backup,
+    /// Restores a backup.
+    Restore,
+    /// Writes again the failed rows of a restore.
+    Replay,
+    /// Checks a backup against its manifest.
+    Verify,
+}
+
+impl OperationRole {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backup => "backup",
+            Self::Restore => "restore",
+            Self::Replay => "replay",
+            Self::Verify => "verify",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Backup, Self::Restore, Self::Replay, Self::Verify]
+            .into_iter()
+            .find(|role| role.as_str() == name)
+    }
+
+    /// The kind clients see.
+    pub fn kind(self) -> OperationKind {
+        match self {
+            Self::Backup => OperationKind::Backup,
+            Self::Restore | Self::Replay => OperationKind::Restore,
+            Self::Verify => OperationKind::Verify,
+        }
+    }
+}
+
 /// An operation's stored figures, as every backend returns them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperationRecord {
     /// Operation id.
     pub id: Uuid,
-    /// Backup or restore.
-    pub kind: OperationKind,
+    /// Backup, restore, replay or verify.
+    pub role: OperationRole,
     /// Current state.
     pub state: OperationState,
-    /// Plan id.
+    /// Plan id (of the backup read, for restores and verifies).
     pub plan_id: String,
-    /// Backup written.
+    /// Backup written (or read).
     pub backup_id: Option<Uuid>,
     /// Consistency mode of the plan.
     pub consistency: Consistency,
@@ -216,6 +354,29 @@ pub struct OperationRecord {
     pub updated_at: DateTime<Utc>,
     /// When the first entity was planned (chunks began to run).
     pub running_since: Option<DateTime<Utc>>,
+    /// Restores and replays: the reconciliation mode.
+    pub mode: Option<RestoreMode>,
+    /// Restores and verifies: the backup operation read; replays: the restore replayed.
+    pub source_operation: Option<Uuid>,
+    /// Restores: the scope rows are re-stamped with.
+    pub target_scope: Option<String>,
+    /// Restores: the pool every job goes to, instead of each entity's.
+    pub pool: Option<String>,
+    /// Restores: rows inserted or updated.
+    pub rows_written: u64,
+    /// Restores: rows left as they were.
+    pub rows_skipped: u64,
+    /// Restores: rows recorded as diagnostics (replays: rows failing again).
+    pub rows_failed: u64,
+    /// Verifies: each bad or missing part.
+    pub problems: Vec<String>,
+}
+
+impl OperationRecord {
+    /// The kind clients see.
+    pub fn kind(&self) -> OperationKind {
+        self.role.kind()
+    }
 }
 
 /// An entity's stored figures.
@@ -280,6 +441,50 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ProgressReport>, CoordinatorError>> + Send;
+
+    /// The stored figures of one operation.
+    fn operation(
+        &self,
+        operation_id: Uuid,
+    ) -> impl Future<Output = Result<Option<OperationRecord>, CoordinatorError>> + Send;
+
+    /// The backup operation that wrote `backup_id`, whatever its state.
+    fn backup_source(
+        &self,
+        backup_id: Uuid,
+    ) -> impl Future<Output = Result<Option<BackupSource>, CoordinatorError>> + Send;
+
+    /// Records a restore (state `planning`), its entities, its `plan_restore`
+    /// job and a progress event; nothing when it exists already.
+    fn submit_restore(
+        &self,
+        restore: &NewRestore,
+    ) -> impl Future<Output = Result<Submitted, CoordinatorError>> + Send;
+
+    /// Records a verify (state `planning`), its `verify_backup` job and a
+    /// progress event; nothing when it exists already.
+    fn submit_verify(
+        &self,
+        verify: &NewVerify,
+    ) -> impl Future<Output = Result<Submitted, CoordinatorError>> + Send;
+
+    /// Records a replay of the restore's unresolved diagnostics (state
+    /// `running`), its `replay_rows` jobs in batches and a progress event;
+    /// refused when the restore is unknown, not a restore, still running or
+    /// has nothing unresolved; nothing when the replay exists already.
+    fn submit_replay(
+        &self,
+        replay: &NewReplay,
+    ) -> impl Future<Output = Result<ReplaySubmission, CoordinatorError>> + Send;
+
+    /// The diagnostics of a restore in id order (unresolved only unless
+    /// `include_resolved`), at most `limit` of them.
+    fn diagnostics(
+        &self,
+        restore_id: Uuid,
+        include_resolved: bool,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RowDiagnostic>, CoordinatorError>> + Send;
 
     /// Applies one worker report (every kind but `claim_chunk`).
     fn apply(

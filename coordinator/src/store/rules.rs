@@ -12,13 +12,14 @@ use koan_protocol::archive::{
     Totals, part_path,
 };
 use koan_protocol::codec::Message;
-use koan_protocol::events::{ClaimChunk, OperationEvent};
+use koan_protocol::events::{ClaimChunk, OperationEvent, WorkerEvent};
 use koan_protocol::jobs::{ExportChunk, Job, PlanEntity};
 use koan_protocol::plan::{BackupPlan, Consistency, EntitySpec};
 use koan_protocol::progress::{OperationState, ProgressReport};
 use koan_protocol::topology::{EVENTS_EXCHANGE, JOBS_EXCHANGE, operation_event_key};
 
 use crate::error::CoordinatorError;
+use crate::store::OperationRole;
 
 /// Most chunks one entity may be planned into.
 pub const MAX_CHUNKS_PER_ENTITY: usize = 1_000_000;
@@ -134,6 +135,28 @@ pub fn event_for(report: ProgressReport) -> OperationEvent {
         OperationState::Paused => OperationEvent::Paused(report),
         OperationState::Cancelled => OperationEvent::Cancelled(report),
         _ => OperationEvent::Progress(report),
+    }
+}
+
+/// The role of the operations a worker report may concern (`None`: any but a backup's).
+pub fn report_role(event: &WorkerEvent) -> Option<OperationRole> {
+    match event {
+        WorkerEvent::EntityPlanned(_)
+        | WorkerEvent::EntityFailed(_)
+        | WorkerEvent::ClaimChunk(_)
+        | WorkerEvent::ChunkProgress(_)
+        | WorkerEvent::PartWritten(_)
+        | WorkerEvent::ChunkDone(_)
+        | WorkerEvent::ChunkFailed(_)
+        | WorkerEvent::ManifestWritten(_)
+        | WorkerEvent::FinalizeFailed(_) => Some(OperationRole::Backup),
+        WorkerEvent::RestorePlanned(_)
+        | WorkerEvent::PartImported(_)
+        | WorkerEvent::ImportFailed(_)
+        | WorkerEvent::RestoreApplied(_) => Some(OperationRole::Restore),
+        WorkerEvent::ReplayDone(_) => Some(OperationRole::Replay),
+        WorkerEvent::VerifyProgress(_) | WorkerEvent::VerifyDone(_) => Some(OperationRole::Verify),
+        WorkerEvent::OperationFailed(_) => None,
     }
 }
 

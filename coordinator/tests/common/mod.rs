@@ -4,6 +4,8 @@
 
 use std::sync::Mutex;
 
+pub mod service;
+
 use koan_coordinator::CoordinatorError;
 use koan_coordinator::store::{OutboxMessage, OutboxSink, PgStateStore, Policy};
 

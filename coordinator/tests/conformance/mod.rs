@@ -10,11 +10,14 @@ use std::time::Duration;
 use chrono::Utc;
 use uuid::Uuid;
 
-use koan_coordinator::store::{Applied, NewBackup, OutboxMessage, Policy, StateStore};
-use koan_protocol::archive::{KeyRange, PartInfo, SnapshotFacts, part_path};
+use koan_coordinator::store::{Applied, NewBackup, NewRestore, OutboxMessage, Policy, StateStore};
+use koan_protocol::archive::{KeyRange, PartInfo, SnapshotFacts, manifest_path, part_path};
+use koan_protocol::commands::RestoreMode;
 use koan_protocol::events::{
     ChunkClaim, ChunkDone, ChunkFailed, ChunkProgress, ClaimChunk, EntityFailed, EntityPlanned,
-    FinalizeFailed, ManifestWritten, OperationEvent, PartWritten, WorkerEvent,
+    FinalizeFailed, ImportFailed, ManifestWritten, OperationEvent, OperationFailed, PartImported,
+    PartWritten, ReplayDone, ReplayFailure, RestoreApplied, RestoreEntity, RestorePart,
+    RestorePlanned, RowFailure, VerifyDone, VerifyProgress, WorkerEvent,
 };
 use koan_protocol::jobs::Job;
 use koan_protocol::plan::{BackupEntity, BackupPlan, EntitySpec, KeyType};
@@ -25,6 +28,10 @@ use crate::common::Recorder;
 
 pub mod checks;
 pub mod flows;
+pub mod replays;
+pub mod requests;
+pub mod restores;
+pub mod verifies;
 
 /// The policy every conformance store is built with: every change announced.
 pub fn policy() -> Policy {
@@ -339,4 +346,227 @@ pub async fn run_to_finalizing<S: StateStore>(store: &S, operation_id: Uuid) -> 
         .into_iter()
         .find(|(_, job)| matches!(job, Job::Finalize(_)))
         .expect("finalize job queued")
+}
+
+/// A backup of [`plan`] run to `completed` (2 + 1 chunks of 100 rows), its outbox drained.
+pub async fn completed_backup<S: StateStore>(store: &S) -> Uuid {
+    let operation_id = submit(store).await;
+    run_to_finalizing(store, operation_id).await;
+    let path = manifest_path(&plan(), operation_id).expect("manifest path");
+    changes(store, manifest_written(operation_id, &path)).await;
+    drain(store, 1000).await;
+    operation_id
+}
+
+/// Records a restore of `backup_id` into scope `tenant-z` (every entity unless `filter` names some).
+pub async fn restore<S: StateStore>(
+    store: &S,
+    backup_id: Uuid,
+    mode: RestoreMode,
+    filter: &[&str],
+    pool: Option<&str>,
+) -> Uuid {
+    let backup = store
+        .backup_source(backup_id)
+        .await
+        .expect("backup source")
+        .expect("backup known");
+    let filter: Vec<String> = filter.iter().map(|name| name.to_string()).collect();
+    let entities = backup
+        .entities
+        .iter()
+        .filter(|entity| filter.is_empty() || filter.contains(&entity.name))
+        .cloned()
+        .collect();
+    let operation_id = Uuid::now_v7();
+    let submitted = store
+        .submit_restore(&NewRestore {
+            operation_id,
+            command_id: None,
+            backup,
+            mode,
+            filter,
+            entities,
+            target_scope: Some("tenant-z".into()),
+            pool: pool.map(str::to_string),
+            labels: BTreeMap::new(),
+            description: None,
+        })
+        .await
+        .expect("submit restore");
+    assert!(!submitted.existing);
+    operation_id
+}
+
+/// The archived path of a restore unit (any path: the coordinator passes it on).
+pub fn unit_path(entity: &str, unit: u32) -> String {
+    format!("default/tenant-a/orders:daily/backup/{entity}/part-{unit:04}.jsonl.zst")
+}
+
+/// `restore_planned`: each `(entity, parts)` with parts of 50 rows, two per chunk;
+/// staging tables named `stage_<entity>` when `staged`.
+pub fn restore_planned(operation_id: Uuid, layout: &[(&str, u32)], staged: bool) -> WorkerEvent {
+    WorkerEvent::RestorePlanned(RestorePlanned {
+        operation_id,
+        entities: layout
+            .iter()
+            .map(|(name, parts)| {
+                let mut entity = spec(name);
+                entity.key_type = Some(KeyType::Text);
+                RestoreEntity {
+                    spec: entity,
+                    staging_table: staged.then(|| format!("stage_{name}")),
+                    parts: (0..*parts)
+                        .map(|unit| RestorePart {
+                            chunk: unit / 2,
+                            part: PartInfo {
+                                part: unit % 2,
+                                path: unit_path(name, unit),
+                                first_key: Some(format!("{name}-{unit}-a")),
+                                last_key: Some(format!("{name}-{unit}-z")),
+                                rows: 50,
+                                raw_bytes: 500,
+                                compressed_bytes: 150,
+                                blake3: format!("hash-{name}-{unit}"),
+                            },
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    })
+}
+
+/// A row that failed, keyed `key`, with code `code`.
+pub fn row_failure(entity: &str, key: &str, code: &str) -> RowFailure {
+    RowFailure {
+        key: Some(key.into()),
+        part: Some(unit_path(entity, 0)),
+        line_no: Some(7),
+        code: code.into(),
+        reason: format!("{code} on {key}"),
+        line: format!("{{\"id\":\"{key}\"}}"),
+    }
+}
+
+/// `part_imported` of a unit of 50 rows: `written` written, `failures` failed, the rest skipped.
+pub fn imported(
+    operation_id: Uuid,
+    entity: &str,
+    unit: u32,
+    written: u64,
+    failures: Vec<RowFailure>,
+) -> WorkerEvent {
+    let failed = failures.len() as u64;
+    WorkerEvent::PartImported(PartImported {
+        operation_id,
+        entity: entity.into(),
+        unit,
+        rows_written: written,
+        rows_skipped: 50 - written - failed,
+        failures,
+        raw_bytes: 500,
+    })
+}
+
+/// `import_failed` of a unit.
+pub fn import_failed(operation_id: Uuid, entity: &str, unit: u32, retryable: bool) -> WorkerEvent {
+    WorkerEvent::ImportFailed(ImportFailed {
+        operation_id,
+        entity: entity.into(),
+        unit,
+        code: "hash_mismatch".into(),
+        error: format!(
+            "part {} does not match the manifest",
+            unit_path(entity, unit)
+        ),
+        retryable,
+    })
+}
+
+/// `restore_applied` of an entity.
+pub fn applied(
+    operation_id: Uuid,
+    entity: &str,
+    written: u64,
+    failures: Vec<RowFailure>,
+) -> WorkerEvent {
+    WorkerEvent::RestoreApplied(RestoreApplied {
+        operation_id,
+        entity: entity.into(),
+        rows_written: written,
+        rows_removed: 7,
+        failures,
+    })
+}
+
+/// `replay_done`: `resolved` written, `failed` failing again with code `still_broken`.
+pub fn replay_done(operation_id: Uuid, resolved: &[i64], failed: &[i64]) -> WorkerEvent {
+    WorkerEvent::ReplayDone(ReplayDone {
+        operation_id,
+        resolved: resolved.to_vec(),
+        failed: failed
+            .iter()
+            .map(|id| ReplayFailure {
+                diagnostic_id: *id,
+                failure: RowFailure {
+                    key: None,
+                    part: None,
+                    line_no: None,
+                    code: "still_broken".into(),
+                    reason: format!("row {id} still violates order_status_allowed"),
+                    line: String::new(),
+                },
+            })
+            .collect(),
+    })
+}
+
+/// `verify_progress`.
+pub fn verify_progress(operation_id: Uuid, parts_done: u64, rows_done: u64) -> WorkerEvent {
+    WorkerEvent::VerifyProgress(VerifyProgress {
+        operation_id,
+        parts_done,
+        parts_total: 6,
+        rows_done,
+        rows_total: 300,
+    })
+}
+
+/// `verify_done` with `problems`.
+pub fn verify_done(operation_id: Uuid, problems: &[&str]) -> WorkerEvent {
+    WorkerEvent::VerifyDone(VerifyDone {
+        operation_id,
+        parts_checked: 6,
+        rows: 300,
+        problems: problems.iter().map(|problem| problem.to_string()).collect(),
+    })
+}
+
+/// `operation_failed`.
+pub fn operation_failed(operation_id: Uuid) -> WorkerEvent {
+    WorkerEvent::OperationFailed(OperationFailed {
+        operation_id,
+        code: "missing_table".into(),
+        error: "table public.\"Order\" does not exist and the layout is relational".into(),
+    })
+}
+
+/// The percent of every event among `messages`, checked monotonic with exactly one 100 at the end.
+pub fn assert_events_monotonic_to_100(messages: &[OutboxMessage]) {
+    let events = events(messages);
+    let percents: Vec<f64> = events.iter().map(|event| event.report().percent).collect();
+    assert!(
+        percents.windows(2).all(|pair| pair[0] <= pair[1]),
+        "{percents:?}"
+    );
+    assert_eq!(
+        percents.iter().filter(|percent| **percent == 100.0).count(),
+        1,
+        "{percents:?}"
+    );
+    assert!(
+        matches!(events.last(), Some(OperationEvent::Completed(report)) if report.percent == 100.0),
+        "{percents:?}"
+    );
 }

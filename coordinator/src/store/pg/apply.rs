@@ -1,27 +1,29 @@
 //! Applying worker reports: one transaction per report, after locking its
 //! operation's row. Entity and operation-level reports live here; chunk
-//! reports in `chunks`.
+//! reports in `chunks`, restore reports in `imports`, replay reports in
+//! `replays` and verify reports in `verifies`.
 
 use tokio_postgres::types::Json;
 use tracing::{debug, warn};
 
 use koan_protocol::archive::KeyRange;
 use koan_protocol::events::{
-    EntityFailed, EntityPlanned, FinalizeFailed, ManifestWritten, WorkerEvent,
+    EntityFailed, EntityPlanned, FinalizeFailed, ManifestWritten, OperationFailed, WorkerEvent,
 };
 use koan_protocol::plan::EntitySpec;
 use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
-use crate::store::rules::{ExportContext, check_ranges, entity_failure, export_job};
-use crate::store::{Applied, EntityState};
+use crate::store::restore_rules::operation_failure;
+use crate::store::rules::{ExportContext, check_ranges, entity_failure, export_job, report_role};
+use crate::store::{Applied, EntityState, OperationRole};
 
 use super::PgStateStore;
-use super::chunks;
 use super::db::{Db, get, int};
 use super::finalize::finalize_if_done;
 use super::operations::{OperationRow, fail, lock_operation, save_operation};
 use super::outbox::enqueue;
+use super::{chunks, imports, replays, verifies};
 
 pub(super) async fn apply(
     store: &PgStateStore,
@@ -37,6 +39,16 @@ pub(super) async fn apply(
     if operation.record.state.is_terminal() {
         debug!(%operation_id, state = operation.record.state.as_str(), "report for a finished operation ignored");
         return Ok(Applied::Unchanged("operation is finished"));
+    }
+    if let Some(role) = report_role(event)
+        && role != operation.record.role
+    {
+        return Err(CoordinatorError::InvalidReport(format!(
+            "{kind} concerns a {}, but operation {operation_id} is a {}",
+            role.as_str(),
+            operation.record.role.as_str(),
+            kind = koan_protocol::codec::Message::kind(event),
+        )));
     }
     let applied = match event {
         WorkerEvent::EntityPlanned(planned) => entity_planned(&db, &mut operation, planned).await?,
@@ -54,6 +66,26 @@ pub(super) async fn apply(
         WorkerEvent::ChunkFailed(report) => chunks::failed(&db, &mut operation, report).await?,
         WorkerEvent::ManifestWritten(written) => manifest_written(&mut operation, written),
         WorkerEvent::FinalizeFailed(failed) => finalize_failed(&mut operation, failed),
+        WorkerEvent::RestorePlanned(planned) => {
+            imports::restore_planned(&db, &mut operation, planned).await?
+        }
+        WorkerEvent::PartImported(report) => {
+            imports::part_imported(&db, &mut operation, report).await?
+        }
+        WorkerEvent::ImportFailed(report) => {
+            imports::import_failed(&db, &mut operation, report).await?
+        }
+        WorkerEvent::RestoreApplied(report) => {
+            imports::restore_applied(&db, &mut operation, report).await?
+        }
+        WorkerEvent::ReplayDone(report) => {
+            replays::replay_done(&db, &mut operation, report).await?
+        }
+        WorkerEvent::VerifyProgress(report) => {
+            verifies::verify_progress(&mut operation, report, db.now)
+        }
+        WorkerEvent::VerifyDone(report) => verifies::verify_done(&mut operation, report),
+        WorkerEvent::OperationFailed(failed) => operation_failed(&mut operation, failed),
     };
     if applied == Applied::Changed {
         save_operation(&db, &mut operation).await?;
@@ -232,5 +264,16 @@ fn finalize_failed(operation: &mut OperationRow, failed: &FinalizeFailed) -> App
             failed.code, failed.error
         ),
     );
+    Applied::Changed
+}
+
+/// A restore, replay or verify failed as a whole (the worker does not retry).
+fn operation_failed(operation: &mut OperationRow, failed: &OperationFailed) -> Applied {
+    if operation.record.role == OperationRole::Backup {
+        warn!(operation_id = %operation.record.id, code = %failed.code, error = %failed.error,
+            "operation_failed for a backup ignored");
+        return Applied::Unchanged("operation_failed is not a backup report");
+    }
+    fail(operation, operation_failure(&failed.code, &failed.error));
     Applied::Changed
 }

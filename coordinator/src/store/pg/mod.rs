@@ -21,16 +21,26 @@ use koan_protocol::progress::ProgressReport;
 
 use crate::config::{Config, redact_postgres_url};
 use crate::error::CoordinatorError;
-use crate::store::{Applied, Drained, NewBackup, OutboxSink, Policy, StateStore, Submitted};
+use koan_protocol::commands::RowDiagnostic;
+
+use crate::store::{
+    Applied, BackupSource, Drained, NewBackup, NewReplay, NewRestore, NewVerify, OperationRecord,
+    OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
+};
 
 mod apply;
 mod chunks;
 mod claims;
 mod db;
+mod diagnostics;
 mod finalize;
+mod imports;
 mod operations;
 mod outbox;
+mod replays;
+mod restores;
 mod submit;
+mod verifies;
 
 use db::get;
 
@@ -40,11 +50,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "restore",
+        sql: include_str!("migrations/0002_restore.sql"),
+    },
+];
 
 /// The coordinator's state in PostgreSQL.
 pub struct PgStateStore {
@@ -273,6 +290,44 @@ impl StateStore for PgStateStore {
 
     async fn list_reports(&self, limit: u32) -> Result<Vec<ProgressReport>, CoordinatorError> {
         submit::list_reports(self, limit).await
+    }
+
+    async fn operation(
+        &self,
+        operation_id: Uuid,
+    ) -> Result<Option<OperationRecord>, CoordinatorError> {
+        submit::operation(self, operation_id).await
+    }
+
+    async fn backup_source(
+        &self,
+        backup_id: Uuid,
+    ) -> Result<Option<BackupSource>, CoordinatorError> {
+        restores::backup_source(self, backup_id).await
+    }
+
+    async fn submit_restore(&self, restore: &NewRestore) -> Result<Submitted, CoordinatorError> {
+        restores::submit_restore(self, restore).await
+    }
+
+    async fn submit_verify(&self, verify: &NewVerify) -> Result<Submitted, CoordinatorError> {
+        restores::submit_verify(self, verify).await
+    }
+
+    async fn submit_replay(
+        &self,
+        replay: &NewReplay,
+    ) -> Result<ReplaySubmission, CoordinatorError> {
+        replays::submit_replay(self, replay).await
+    }
+
+    async fn diagnostics(
+        &self,
+        restore_id: Uuid,
+        include_resolved: bool,
+        limit: u32,
+    ) -> Result<Vec<RowDiagnostic>, CoordinatorError> {
+        diagnostics::list(self, restore_id, include_resolved, limit).await
     }
 
     async fn apply(&self, event: &WorkerEvent) -> Result<Applied, CoordinatorError> {

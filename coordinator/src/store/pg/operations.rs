@@ -8,13 +8,14 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
+use koan_protocol::commands::RestoreMode;
 use koan_protocol::plan::Consistency;
-use koan_protocol::progress::{OperationKind, OperationState};
+use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
 use crate::progress::{self, Counters};
 use crate::store::rules::{QueuedMessage, event_for};
-use crate::store::{EntityRecord, EntityState, OperationRecord, StateStore};
+use crate::store::{EntityRecord, EntityState, OperationRecord, OperationRole, StateStore};
 
 use super::db::{Db, get, int, shifted, uint};
 use super::outbox::enqueue;
@@ -24,7 +25,8 @@ pub(super) const OPERATION_COLUMNS: &str = "id, kind, state, plan_id, backup_id,
      labels, description, percent, entities_total, entities_planned, rows_total, rows_durable, \
      rows_pending, bytes_raw, bytes_raw_pending, bytes_compressed, parts_done, chunks_total, \
      chunks_done, manifest, error, sequence, created_at, updated_at, running_since, \
-     published_sequence, published_at";
+     published_sequence, published_at, mode, source_operation, target_scope, pool, \
+     rows_written, rows_skipped, rows_failed, problems";
 
 /// Columns of `entities` read into an [`EntityRecord`], in order.
 pub(super) const ENTITY_COLUMNS: &str = "name, ordinal, state, rows_total, rows_durable, \
@@ -51,13 +53,14 @@ pub(super) fn operation_from_row(row: &Row) -> Result<OperationRow, CoordinatorE
     let state = OperationState::parse(&state)
         .ok_or_else(|| CoordinatorError::corrupt("operation state", &state))?;
     let Json(labels): Json<BTreeMap<String, String>> = get(row, "labels")?;
+    let mode = get::<Option<String>>(row, "mode")?
+        .map(|mode| parse_mode(&mode).ok_or_else(|| CoordinatorError::corrupt("mode", mode)))
+        .transpose()?;
+    let Json(problems): Json<Vec<String>> = get(row, "problems")?;
     let record = OperationRecord {
         id: get(row, "id")?,
-        kind: match kind.as_str() {
-            "backup" => OperationKind::Backup,
-            "restore" => OperationKind::Restore,
-            other => return Err(CoordinatorError::corrupt("operation kind", other)),
-        },
+        role: OperationRole::parse(&kind)
+            .ok_or_else(|| CoordinatorError::corrupt("operation kind", &kind))?,
         state,
         plan_id: get(row, "plan_id")?,
         backup_id: get(row, "backup_id")?,
@@ -86,6 +89,14 @@ pub(super) fn operation_from_row(row: &Row) -> Result<OperationRow, CoordinatorE
         created_at: get(row, "created_at")?,
         updated_at: get(row, "updated_at")?,
         running_since: get(row, "running_since")?,
+        mode,
+        source_operation: get(row, "source_operation")?,
+        target_scope: get(row, "target_scope")?,
+        pool: get(row, "pool")?,
+        rows_written: uint(get(row, "rows_written")?),
+        rows_skipped: uint(get(row, "rows_skipped")?),
+        rows_failed: uint(get(row, "rows_failed")?),
+        problems,
     };
     Ok(OperationRow {
         read_state: record.state,
@@ -93,6 +104,18 @@ pub(super) fn operation_from_row(row: &Row) -> Result<OperationRow, CoordinatorE
         published_sequence: uint(get(row, "published_sequence")?),
         published_at: get(row, "published_at")?,
     })
+}
+
+/// Parses a stored restore mode.
+pub(super) fn parse_mode(name: &str) -> Option<RestoreMode> {
+    [
+        RestoreMode::Merge,
+        RestoreMode::Overwrite,
+        RestoreMode::SkipExisting,
+        RestoreMode::Replace,
+    ]
+    .into_iter()
+    .find(|mode| mode.as_str() == name)
 }
 
 /// Reads an entity row selected with [`ENTITY_COLUMNS`].
@@ -255,7 +278,9 @@ async fn write_operation(db: &Db<'_>, operation: &OperationRow) -> Result<(), Co
              chunks_total = $12, chunks_done = $13, manifest = $14, error = $15,
              sequence = $16, updated_at = $17, running_since = $18,
              published_sequence = $19, published_at = $20,
-             finished_at = CASE WHEN $21 THEN COALESCE(finished_at, $17) ELSE finished_at END
+             finished_at = CASE WHEN $21 THEN COALESCE(finished_at, $17) ELSE finished_at END,
+             entities_total = $22, rows_written = $23, rows_skipped = $24, rows_failed = $25,
+             problems = $26
          WHERE id = $1",
         &[
             &record.id,
@@ -279,6 +304,11 @@ async fn write_operation(db: &Db<'_>, operation: &OperationRow) -> Result<(), Co
             &int(operation.published_sequence),
             &operation.published_at,
             &finished,
+            &int(record.entities_total),
+            &int(record.rows_written),
+            &int(record.rows_skipped),
+            &int(record.rows_failed),
+            &Json(&record.problems),
         ],
     )
     .await?;

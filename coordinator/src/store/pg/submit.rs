@@ -1,22 +1,26 @@
-//! Submissions and reads: recording a backup with its plan jobs, status and listings.
+//! Submissions and reads: recording an operation (a backup with its plan
+//! jobs here; restores, verifies and replays build on the same helpers),
+//! status and listings.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
+use koan_protocol::commands::RestoreMode;
+use koan_protocol::plan::{Consistency, EntitySpec};
+use koan_protocol::progress::{OperationState, ProgressReport};
 
 use crate::error::CoordinatorError;
 use crate::progress;
 use crate::store::rules::plan_jobs;
-use crate::store::{EntityState, NewBackup, StateStore, Submitted};
+use crate::store::{EntityState, NewBackup, OperationRecord, OperationRole, StateStore, Submitted};
 
 use super::PgStateStore;
-use super::db::{Db, get};
+use super::db::{Db, get, int};
 use super::operations::{
-    ENTITY_COLUMNS, OPERATION_COLUMNS, entity_from_row, load_entities, lock_operation,
-    operation_from_row, save_operation,
+    ENTITY_COLUMNS, OPERATION_COLUMNS, OperationRow, entity_from_row, load_entities,
+    lock_operation, operation_from_row, save_operation,
 };
 use super::outbox::enqueue;
 
@@ -54,46 +58,121 @@ pub(super) async fn submit_backup(
     let jobs = plan_jobs(backup.operation_id, &backup.plan)?;
     let mut client = store.client().await?;
     let db = Db::begin(&mut client, store).await?;
+    let submitted = insert_operation(
+        &db,
+        &OperationInsert {
+            id: backup.operation_id,
+            role: OperationRole::Backup,
+            state: OperationState::Planning,
+            plan: &plan_json,
+            plan_id: &backup.plan.plan_id,
+            backup_id: backup.operation_id,
+            consistency: backup.plan.consistency,
+            labels: &backup.labels,
+            description: backup.description.as_deref(),
+            command_id: backup.command_id.as_deref(),
+            entities_total: u64::try_from(specs.len()).unwrap_or(u64::MAX),
+            mode: None,
+            source_operation: None,
+            target_scope: None,
+            pool: None,
+        },
+    )
+    .await?;
+    if submitted.existing {
+        return Ok(submitted);
+    }
+    insert_entities(&db, backup.operation_id, &specs, EntityState::Planning).await?;
+    enqueue(&db, &jobs).await?;
+    announce_new(&db, backup.operation_id).await?;
+    db.commit().await?;
+    Ok(submitted)
+}
+
+/// A new operation row.
+pub(super) struct OperationInsert<'a> {
+    pub id: Uuid,
+    pub role: OperationRole,
+    pub state: OperationState,
+    pub plan: &'a serde_json::Value,
+    pub plan_id: &'a str,
+    pub backup_id: Uuid,
+    pub consistency: Consistency,
+    pub labels: &'a BTreeMap<String, String>,
+    pub description: Option<&'a str>,
+    pub command_id: Option<&'a str>,
+    pub entities_total: u64,
+    pub mode: Option<RestoreMode>,
+    pub source_operation: Option<Uuid>,
+    pub target_scope: Option<&'a str>,
+    pub pool: Option<&'a str>,
+}
+
+/// Inserts an operation; when its id or command id is known already, inserts
+/// nothing and names the existing operation.
+pub(super) async fn insert_operation(
+    db: &Db<'_>,
+    operation: &OperationInsert<'_>,
+) -> Result<Submitted, CoordinatorError> {
     let inserted = db
         .execute(
             "record operation",
             "INSERT INTO {s}.operations (id, kind, state, plan, plan_id, backup_id, consistency,
-                 labels, description, command_id, entities_total, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $1, $6, $7, $8, $9, $10, $11, $11)
+                 labels, description, command_id, entities_total, created_at, updated_at,
+                 mode, source_operation, target_scope, pool)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, $16)
              ON CONFLICT DO NOTHING",
             &[
-                &backup.operation_id,
-                &OperationKind::Backup.as_str(),
-                &OperationState::Planning.as_str(),
-                &plan_json,
-                &backup.plan.plan_id,
-                &backup.plan.consistency.as_str(),
-                &Json(&backup.labels),
-                &backup.description,
-                &backup.command_id,
-                &i64::try_from(specs.len()).unwrap_or(i64::MAX),
+                &operation.id,
+                &operation.role.as_str(),
+                &operation.state.as_str(),
+                operation.plan,
+                &operation.plan_id,
+                &operation.backup_id,
+                &operation.consistency.as_str(),
+                &Json(operation.labels),
+                &operation.description,
+                &operation.command_id,
+                &int(operation.entities_total),
                 &db.now,
+                &operation.mode.map(RestoreMode::as_str),
+                &operation.source_operation,
+                &operation.target_scope,
+                &operation.pool,
             ],
         )
         .await?;
-    if inserted == 0 {
-        // The conflicting row is committed (ON CONFLICT waited for it): this statement sees it.
-        let existing = db
-            .query_opt(
-                "find submission",
-                "SELECT id FROM {s}.operations WHERE id = $1 OR command_id = $2
-                 ORDER BY (id = $1) DESC NULLS LAST LIMIT 1",
-                &[&backup.operation_id, &backup.command_id],
-            )
-            .await?
-            .map(|row| get(&row, "id"))
-            .transpose()?
-            .unwrap_or(backup.operation_id);
+    if inserted > 0 {
         return Ok(Submitted {
-            operation_id: existing,
-            existing: true,
+            operation_id: operation.id,
+            existing: false,
         });
     }
+    // The conflicting row is committed (ON CONFLICT waited for it): this statement sees it.
+    let existing = db
+        .query_opt(
+            "find submission",
+            "SELECT id FROM {s}.operations WHERE id = $1 OR command_id = $2
+             ORDER BY (id = $1) DESC NULLS LAST LIMIT 1",
+            &[&operation.id, &operation.command_id],
+        )
+        .await?
+        .map(|row| get(&row, "id"))
+        .transpose()?
+        .unwrap_or(operation.id);
+    Ok(Submitted {
+        operation_id: existing,
+        existing: true,
+    })
+}
+
+/// Records the entities of a new operation, in order, all in `state`.
+pub(super) async fn insert_entities(
+    db: &Db<'_>,
+    operation_id: Uuid,
+    specs: &[EntitySpec],
+    state: EntityState,
+) -> Result<(), CoordinatorError> {
     let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
     let ordinals: Vec<i32> = (0..specs.len())
         .map(|ordinal| i32::try_from(ordinal).unwrap_or(i32::MAX))
@@ -109,24 +188,40 @@ pub(super) async fn submit_backup(
          SELECT $1, name, ordinal, spec, $5
          FROM unnest($2::text[], $3::integer[], $4::jsonb[]) AS planned(name, ordinal, spec)",
         &[
-            &backup.operation_id,
+            &operation_id,
             &names,
             &ordinals,
             &spec_values,
-            &EntityState::Planning.as_str(),
+            &state.as_str(),
         ],
     )
     .await?;
-    enqueue(&db, &jobs).await?;
-    let mut operation = lock_operation(&db, backup.operation_id)
+    Ok(())
+}
+
+/// Saves a just-inserted operation once: its first sequence and public event.
+pub(super) async fn announce_new(
+    db: &Db<'_>,
+    operation_id: Uuid,
+) -> Result<OperationRow, CoordinatorError> {
+    let mut operation = lock_operation(db, operation_id)
         .await?
         .ok_or_else(|| CoordinatorError::corrupt("operation", "vanished after insert"))?;
-    save_operation(&db, &mut operation).await?;
-    db.commit().await?;
-    Ok(Submitted {
-        operation_id: backup.operation_id,
-        existing: false,
-    })
+    save_operation(db, &mut operation).await?;
+    Ok(operation)
+}
+
+pub(super) async fn operation(
+    store: &PgStateStore,
+    operation_id: Uuid,
+) -> Result<Option<OperationRecord>, CoordinatorError> {
+    let mut client = store.client().await?;
+    let db = Db::begin_read(&mut client, store).await?;
+    let text = format!("SELECT {OPERATION_COLUMNS} FROM {{s}}.operations WHERE id = $1");
+    db.query_opt("read operation", &text, &[&operation_id])
+        .await?
+        .map(|row| operation_from_row(&row).map(|operation| operation.record))
+        .transpose()
 }
 
 pub(super) async fn report(

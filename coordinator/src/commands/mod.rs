@@ -1,10 +1,12 @@
-//! Client commands: `start_backup`, `status`, `list`, each answered on `reply_to`.
+//! Client commands, each answered on `reply_to`: `start_backup`, `status` and
+//! `list` here; `start_restore`, `verify`, `diagnostics` and `replay` in
+//! [`restores`].
 //!
 //! A command that cannot be decoded (bad msgpack, unknown version, kind or
 //! field, oversize) is answered `rejected` and dead-lettered; a valid command
-//! the coordinator refuses (unknown plan, invalid plan, missing table) is
-//! answered `rejected` and acked. A backup is recorded, with its plan jobs in
-//! the outbox, before `accepted` is sent.
+//! the coordinator refuses (unknown plan or backup, invalid plan, missing
+//! table, cross-scope restore) is answered `rejected` and acked. An operation
+//! is recorded, with its first jobs in the outbox, before `accepted` is sent.
 //!
 //! With a source configured, [`SourceCatalog`] checks each plan against the
 //! source's catalog first, so a missing table or column, or a mode the source
@@ -19,17 +21,19 @@ use uuid::Uuid;
 use koan_protocol::commands::{
     Accepted, Command, ListOperations, OperationRef, Operations, Rejected, Reply, StartBackup,
 };
-use koan_protocol::plan::BackupPlan;
 use koan_protocol::topology::MAX_COMMAND_BYTES;
 use koan_protocol::{ProtocolError, decode};
-use koan_source::{PgSource, SourceError};
 use koan_transport::{Incoming, Outgoing};
 
 use crate::broker::{Decision, Handler};
-use crate::config::redact_postgres_url;
 use crate::error::CoordinatorError;
 use crate::plans::PlanRegistry;
 use crate::store::{NewBackup, StateStore};
+
+mod catalog;
+pub mod restores;
+
+pub use catalog::SourceCatalog;
 
 /// Operations listed when `list` names no limit.
 pub const DEFAULT_LIST_LIMIT: u32 = 50;
@@ -124,6 +128,10 @@ impl<S: StateStore> Commands<S> {
                 let operations = self.store.list_reports(limit).await?;
                 Ok(Answer::reply(Reply::Operations(Operations { operations })))
             }
+            Command::StartRestore(start) => self.start_restore(start, message_id).await,
+            Command::Verify(verify) => self.verify(verify, message_id).await,
+            Command::Diagnostics(query) => self.diagnostics(query).await,
+            Command::Replay(replay) => self.replay(replay, message_id).await,
         }
     }
 
@@ -144,7 +152,7 @@ impl<S: StateStore> Commands<S> {
             .await?
         {
             info!(operation_id = %existing, "backup submitted again");
-            return Ok(accepted(existing, true));
+            return Ok(accepted(existing, true, Vec::new()));
         }
         let plan = match (start.plan_id, start.plan) {
             (_, Some(plan)) => plan,
@@ -174,11 +182,8 @@ impl<S: StateStore> Commands<S> {
         }
         let operation_id = start.operation_id.unwrap_or_else(Uuid::now_v7);
         let description = start.description.or_else(|| plan.description.clone());
-        if description.as_ref().is_some_and(|text| text.len() > 4096) {
-            return Ok(refuse(
-                "invalid_command",
-                "description longer than 4096 bytes",
-            ));
+        if let Err(error) = check_description(description.as_deref()) {
+            return Ok(refuse("invalid_command", error));
         }
         let plan_id = plan.plan_id.clone();
         let submitted = self
@@ -192,17 +197,32 @@ impl<S: StateStore> Commands<S> {
             })
             .await?;
         info!(operation_id = %submitted.operation_id, %plan_id, existing = submitted.existing, "backup accepted");
-        let mut answer = accepted(submitted.operation_id, submitted.existing);
-        answer.changed = !submitted.existing;
-        Ok(answer)
+        Ok(accepted(
+            submitted.operation_id,
+            submitted.existing,
+            Vec::new(),
+        ))
     }
 }
 
-fn accepted(operation_id: Uuid, existing: bool) -> Answer {
-    Answer::reply(Reply::Accepted(Accepted {
-        operation_id,
-        existing,
-    }))
+/// `accepted`; a new operation (not `existing`) changed the state store.
+fn accepted(operation_id: Uuid, existing: bool, warnings: Vec<String>) -> Answer {
+    Answer {
+        reply: Reply::Accepted(Accepted {
+            operation_id,
+            existing,
+            warnings,
+        }),
+        dead_letter: None,
+        changed: !existing,
+    }
+}
+
+fn check_description(description: Option<&str>) -> Result<(), String> {
+    match description {
+        Some(text) if text.len() > 4096 => Err("description longer than 4096 bytes".into()),
+        _ => Ok(()),
+    }
 }
 
 fn refuse(code: &str, error: impl Into<String>) -> Answer {
@@ -255,57 +275,5 @@ impl<S: StateStore> Handler for Commands<S> {
             dead_letter: answer.dead_letter,
             changed: answer.changed,
         })
-    }
-}
-
-/// Connections the catalog check may hold on the source.
-const CATALOG_CONNECTIONS: usize = 2;
-
-/// The entity source's catalog, as seen by the coordinator.
-#[derive(Debug, Clone)]
-pub struct SourceCatalog {
-    source: PgSource,
-}
-
-impl SourceCatalog {
-    /// A catalog over the PostgreSQL source at `url` (connections open on first use).
-    pub fn connect(url: &str) -> Result<Self, CoordinatorError> {
-        let source = PgSource::new(url, CATALOG_CONNECTIONS).map_err(|error| {
-            CoordinatorError::config(
-                "source_url",
-                format!("{} ({error})", redact_postgres_url(url)),
-            )
-        })?;
-        Ok(Self { source })
-    }
-
-    /// Where the source is (`host:port/database as user`, no password).
-    pub fn target(&self) -> &str {
-        self.source.target()
-    }
-
-    /// Checks every entity of `plan`: the source honours its consistency mode,
-    /// and its table, key, document, version and scope columns exist.
-    pub async fn check(&self, plan: &BackupPlan) -> Result<(), CoordinatorError> {
-        for entity in plan.entity_specs() {
-            self.source
-                .capabilities()
-                .check(plan.consistency)
-                .map_err(|error| source_error(&entity.name, &error))?;
-            self.source
-                .inspect(&entity)
-                .await
-                .map_err(|error| source_error(&entity.name, &error))?;
-        }
-        Ok(())
-    }
-}
-
-fn source_error(entity: &str, error: &SourceError) -> CoordinatorError {
-    CoordinatorError::Source {
-        entity: entity.to_string(),
-        code: error.code(),
-        message: error.to_string(),
-        retryable: error.is_retryable(),
     }
 }
