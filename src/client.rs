@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use koan_protocol::commands::{Command, ListOperations, OperationRef, Reply, StartBackup};
+use koan_protocol::commands::{
+    Command, Diagnostics, DiagnosticsQuery, ListOperations, OperationRef, ReplayRows, Reply,
+    StartBackup, StartRestore, VerifyBackup,
+};
 use koan_protocol::progress::ProgressReport;
 use koan_protocol::topology::{COMMANDS_EXCHANGE, EVENTS_EXCHANGE, operation_follow_key};
 use koan_transport::{Broker, Outgoing, Subscription, rpc, topology};
@@ -25,6 +28,8 @@ pub struct Submitted {
     pub operation_id: Uuid,
     /// True when the operation already existed.
     pub existing: bool,
+    /// What the coordinator wants the user told.
+    pub warnings: Vec<String>,
 }
 
 impl Client {
@@ -54,14 +59,48 @@ impl Client {
         Ok(koan_protocol::decode::<Reply>(&reply.payload)?)
     }
 
-    /// Submits `start_backup`; a rejection is an error carrying the coordinator's reason.
-    pub async fn start_backup(&self, command: StartBackup) -> Result<Submitted> {
-        match self.request(&Command::StartBackup(command)).await? {
+    /// Submits a command that starts an operation; a rejection is an error
+    /// carrying the coordinator's reason.
+    async fn start(&self, command: Command) -> Result<Submitted> {
+        match self.request(&command).await? {
             Reply::Accepted(accepted) => Ok(Submitted {
                 operation_id: accepted.operation_id,
                 existing: accepted.existing,
+                warnings: accepted.warnings,
             }),
             Reply::Rejected(rejected) => bail!("rejected ({}): {}", rejected.code, rejected.error),
+            other => bail!(
+                "unexpected reply '{}'",
+                koan_protocol::Message::kind(&other)
+            ),
+        }
+    }
+
+    /// Submits `start_backup`.
+    pub async fn start_backup(&self, command: StartBackup) -> Result<Submitted> {
+        self.start(Command::StartBackup(command)).await
+    }
+
+    /// Submits `start_restore`.
+    pub async fn start_restore(&self, command: StartRestore) -> Result<Submitted> {
+        self.start(Command::StartRestore(command)).await
+    }
+
+    /// Submits `verify`.
+    pub async fn verify(&self, command: VerifyBackup) -> Result<Submitted> {
+        self.start(Command::Verify(command)).await
+    }
+
+    /// Submits `replay` of a restore's failed rows.
+    pub async fn replay(&self, command: ReplayRows) -> Result<Submitted> {
+        self.start(Command::Replay(command)).await
+    }
+
+    /// The failed rows of a restore.
+    pub async fn diagnostics(&self, query: DiagnosticsQuery) -> Result<Diagnostics> {
+        match self.request(&Command::Diagnostics(query)).await? {
+            Reply::Diagnostics(diagnostics) => Ok(diagnostics),
+            Reply::Rejected(rejected) => bail!("{}", rejected.error),
             other => bail!(
                 "unexpected reply '{}'",
                 koan_protocol::Message::kind(&other)

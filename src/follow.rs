@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use koan_protocol::events::OperationEvent;
-use koan_protocol::progress::{OperationState, ProgressReport};
+use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
 use koan_transport::Subscription;
 use uuid::Uuid;
 
@@ -23,12 +23,61 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Exit code: 0 completed, 1 failed or cancelled, 3 paused.
-    pub fn exit_code(&self) -> i32 {
+    /// Exit code: 0 completed, 1 failed, cancelled or completed with failed
+    /// rows, 3 paused.
+    pub fn exit_code(&self) -> u8 {
         match self.report.state {
-            OperationState::Completed => 0,
+            OperationState::Completed if self.report.rows_failed == 0 => 0,
             OperationState::Paused => 3,
             _ => 1,
+        }
+    }
+}
+
+/// The sentence that ends a followed operation.
+pub fn conclusion(report: &ProgressReport) -> String {
+    let kind = report.kind.as_str();
+    let id = report.operation_id;
+    match (report.state, report.kind) {
+        (OperationState::Completed, OperationKind::Backup) => format!(
+            "backup {id} completed: {} rows, {} → {} in {}",
+            report.rows_done,
+            human_bytes(report.bytes_done),
+            human_bytes(report.bytes_compressed),
+            report.manifest.as_deref().unwrap_or("?"),
+        ),
+        (OperationState::Completed, OperationKind::Restore) if report.rows_failed > 0 => format!(
+            "restore {id} completed with {} failed rows ({} written, {} skipped): see `koan-backup diagnostics {id}`",
+            report.rows_failed, report.rows_written, report.rows_skipped,
+        ),
+        (OperationState::Completed, OperationKind::Restore) => format!(
+            "restore {id} completed: {} rows written, {} skipped",
+            report.rows_written, report.rows_skipped,
+        ),
+        (OperationState::Completed, OperationKind::Verify) => format!(
+            "backup {} is whole: {} parts, {} rows",
+            report
+                .backup_id
+                .map(|backup| backup.to_string())
+                .unwrap_or_default(),
+            report.chunks_done,
+            report.rows_done,
+        ),
+        (OperationState::Paused, _) => format!(
+            "{kind} {id} paused; resume with token {}",
+            report.continuation_token.as_deref().unwrap_or("?"),
+        ),
+        (state, _) => {
+            let mut text = format!(
+                "{kind} {id} {}: {}",
+                state.as_str(),
+                report.error.as_deref().unwrap_or("no reason given"),
+            );
+            for problem in &report.problems {
+                text.push_str("\n  ");
+                text.push_str(problem);
+            }
+            text
         }
     }
 }

@@ -19,7 +19,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use koan_protocol::commands::StartBackup;
+use koan_protocol::commands::{
+    Diagnostics, DiagnosticsQuery, ReplayRows, RestoreMode, StartBackup, StartRestore, VerifyBackup,
+};
 use koan_protocol::plan::BackupPlan;
 use uuid::Uuid;
 
@@ -46,6 +48,12 @@ enum Command {
     Worker(services::WorkerArgs),
     /// Submit a backup and print its operation id.
     Backup(BackupArgs),
+    /// Restore a backup into the entity store.
+    Restore(RestoreArgs),
+    /// Check that a backup is whole (every part, hash, rows, key ranges), without restoring it.
+    Verify(VerifyArgs),
+    /// List the rows a restore could not write; `--replay` writes them again.
+    Diagnostics(DiagnosticsArgs),
     /// Show one operation.
     Status(StatusArgs),
     /// List recent operations.
@@ -73,6 +81,84 @@ struct BackupArgs {
     #[arg(long)]
     follow: bool,
     /// Machine-readable output (JSON lines).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The backup to restore.
+    backup_id: Uuid,
+    /// How archived rows meet existing ones.
+    #[arg(long, value_enum, default_value_t = Mode::Merge)]
+    mode: Mode,
+    /// Restore only this entity; repeat for several (default: all).
+    #[arg(long = "entity")]
+    entities: Vec<String>,
+    /// The scope this restore acts for; a backup of another scope is refused.
+    #[arg(long)]
+    scope: Option<String>,
+    /// Restore into this scope, re-stamping every row (explicit cross-scope restore).
+    #[arg(long)]
+    target_scope: Option<String>,
+    /// Worker pool that writes the rows (its workers' source is the target).
+    #[arg(long)]
+    pool: Option<String>,
+    /// Operation id to use (UUID).
+    #[arg(long)]
+    operation_id: Option<Uuid>,
+    /// Follow progress until the restore ends.
+    #[arg(long)]
+    follow: bool,
+    /// Machine-readable output (JSON lines).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Restore modes, as the CLI spells them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    /// Insert missing rows; replace a row only when the archived version is newer.
+    Merge,
+    /// Upsert every archived row.
+    Overwrite,
+    /// Insert only rows whose key is absent.
+    SkipExisting,
+    /// Empty the scope, then load, in one transaction.
+    Replace,
+}
+
+impl From<Mode> for RestoreMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Merge => Self::Merge,
+            Mode::Overwrite => Self::Overwrite,
+            Mode::SkipExisting => Self::SkipExisting,
+            Mode::Replace => Self::Replace,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The backup to verify.
+    backup_id: Uuid,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DiagnosticsArgs {
+    /// The restore operation.
+    restore_id: Uuid,
+    /// Write the failed rows again (after their cause is fixed) and follow.
+    #[arg(long)]
+    replay: bool,
+    /// Include rows already replayed successfully.
+    #[arg(long)]
+    all: bool,
+    /// Machine-readable output.
     #[arg(long)]
     json: bool,
 }
@@ -126,6 +212,9 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Coordinator(args) => services::coordinator(&cli.amqp_url, args).await,
         Command::Worker(args) => services::worker(&cli.amqp_url, args).await,
         Command::Backup(args) => backup(&cli.amqp_url, args).await,
+        Command::Restore(args) => restore(&cli.amqp_url, args).await,
+        Command::Verify(args) => verify(&cli.amqp_url, args).await,
+        Command::Diagnostics(args) => diagnostics(&cli.amqp_url, args).await,
         Command::Status(args) => status(&cli.amqp_url, args).await,
         Command::List(args) => list(&cli.amqp_url, args).await,
     }
@@ -144,12 +233,6 @@ async fn backup(amqp_url: &str, args: BackupArgs) -> Result<u8> {
         None => None,
     };
     let operation_id = args.operation_id.unwrap_or_else(Uuid::now_v7);
-    let client = Client::connect(amqp_url).await?;
-    let events = if args.follow {
-        Some(client.follow(operation_id).await?)
-    } else {
-        None
-    };
     let command = StartBackup {
         plan_id: args.plan_id.clone(),
         plan,
@@ -157,53 +240,149 @@ async fn backup(amqp_url: &str, args: BackupArgs) -> Result<u8> {
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         description: args.description.clone(),
     };
-    let submitted = client.start_backup(command).await?;
-    if args.json {
+    let client = Client::connect(amqp_url).await?;
+    let code = run_operation(
+        &client,
+        operation_id,
+        args.follow,
+        args.json,
+        client.start_backup(command),
+    )
+    .await;
+    client.close().await;
+    code
+}
+
+async fn restore(amqp_url: &str, args: RestoreArgs) -> Result<u8> {
+    let operation_id = args.operation_id.unwrap_or_else(Uuid::now_v7);
+    let command = StartRestore {
+        backup_id: args.backup_id,
+        operation_id: Some(operation_id),
+        mode: args.mode.into(),
+        entities: args.entities.clone(),
+        scope: args.scope.clone(),
+        target_scope: args.target_scope.clone(),
+        pool: args.pool.clone(),
+        ..StartRestore::default()
+    };
+    let client = Client::connect(amqp_url).await?;
+    let code = run_operation(
+        &client,
+        operation_id,
+        args.follow,
+        args.json,
+        client.start_restore(command),
+    )
+    .await;
+    client.close().await;
+    code
+}
+
+async fn verify(amqp_url: &str, args: VerifyArgs) -> Result<u8> {
+    let operation_id = Uuid::now_v7();
+    let command = VerifyBackup {
+        backup_id: args.backup_id,
+        operation_id: Some(operation_id),
+    };
+    let client = Client::connect(amqp_url).await?;
+    let code = run_operation(
+        &client,
+        operation_id,
+        true,
+        args.json,
+        client.verify(command),
+    )
+    .await;
+    client.close().await;
+    code
+}
+
+async fn diagnostics(amqp_url: &str, args: DiagnosticsArgs) -> Result<u8> {
+    let client = Client::connect(amqp_url).await?;
+    let code = if args.replay {
+        let replay_id = Uuid::now_v7();
+        let command = ReplayRows {
+            operation_id: args.restore_id,
+            replay_id: Some(replay_id),
+        };
+        run_operation(&client, replay_id, true, args.json, client.replay(command)).await
+    } else {
+        let listing = client
+            .diagnostics(DiagnosticsQuery {
+                operation_id: args.restore_id,
+                include_resolved: args.all,
+            })
+            .await;
+        listing.and_then(|listing| print_diagnostics(&listing, args.json))
+    };
+    client.close().await;
+    code
+}
+
+fn print_diagnostics(listing: &Diagnostics, json: bool) -> Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listing.rows)?);
+        return Ok(0);
+    }
+    if listing.rows.is_empty() {
+        println!("no failed rows");
+        return Ok(0);
+    }
+    println!(
+        "{:>6}  {:<12}  {:<24}  {:<22}  reason",
+        "id", "entity", "key", "code"
+    );
+    for row in &listing.rows {
+        let failure = &row.failure;
+        let key = failure.key.as_deref().unwrap_or("-");
+        let resolved = if row.resolved { " (replayed)" } else { "" };
+        println!(
+            "{:>6}  {:<12}  {:<24.24}  {:<22}  {}{resolved}",
+            row.id, row.entity, key, failure.code, failure.reason
+        );
+    }
+    Ok(0)
+}
+
+/// Submits an operation (binding its events first when following), prints
+/// its id, and follows it to the end when asked.
+async fn run_operation(
+    client: &Client,
+    operation_id: Uuid,
+    follow: bool,
+    json: bool,
+    submit: impl std::future::Future<Output = Result<client::Submitted>>,
+) -> Result<u8> {
+    let events = if follow {
+        Some(client.follow(operation_id).await?)
+    } else {
+        None
+    };
+    let submitted = submit.await?;
+    for warning in &submitted.warnings {
+        eprintln!("note: {warning}");
+    }
+    if json {
         println!(
             "{}",
-            serde_json::json!({"operation_id": submitted.operation_id, "existing": submitted.existing})
+            serde_json::json!({
+                "operation_id": submitted.operation_id,
+                "existing": submitted.existing,
+                "warnings": submitted.warnings,
+            })
         );
     } else {
         println!("{}", submitted.operation_id);
     }
     let Some(events) = events else {
-        client.close().await;
         return Ok(0);
     };
-    let outcome = follow::follow(&client, events, submitted.operation_id, args.json).await?;
-    client.close().await;
-    let report = &outcome.report;
-    if args.json {
-        println!("{}", serde_json::to_string(report)?);
+    let outcome = follow::follow(client, events, submitted.operation_id, json).await?;
+    if json {
+        println!("{}", serde_json::to_string(&outcome.report)?);
     }
-    match report.state {
-        koan_protocol::progress::OperationState::Completed => {
-            eprintln!(
-                "backup {} completed: {} rows, {} → {} in {}",
-                report.operation_id,
-                report.rows_done,
-                follow::human_bytes(report.bytes_done),
-                follow::human_bytes(report.bytes_compressed),
-                report.manifest.as_deref().unwrap_or("?"),
-            );
-        }
-        koan_protocol::progress::OperationState::Paused => {
-            eprintln!(
-                "backup {} paused; resume with token {}",
-                report.operation_id,
-                report.continuation_token.as_deref().unwrap_or("?")
-            );
-        }
-        state => {
-            eprintln!(
-                "backup {} {}: {}",
-                report.operation_id,
-                state.as_str(),
-                report.error.as_deref().unwrap_or("no reason given")
-            );
-        }
-    }
-    Ok(outcome.exit_code() as u8)
+    eprintln!("{}", follow::conclusion(&outcome.report));
+    Ok(outcome.exit_code())
 }
 
 async fn status(amqp_url: &str, args: StatusArgs) -> Result<u8> {

@@ -12,39 +12,7 @@ use koan_protocol::progress::OperationState;
 use koan_protocol::topology::COMMANDS_EXCHANGE;
 use koan_transport::{Outgoing, rpc};
 use support::archive::{self, key_text};
-use support::{Follower, Sandbox, data};
-use uuid::Uuid;
-
-const TIMEOUT: Duration = Duration::from_secs(240);
-
-/// Submits `plan` with the CLI and waits for the terminal event.
-async fn run_backup(
-    sandbox: &Sandbox,
-    plan_toml: &str,
-) -> (String, koan_protocol::progress::ProgressReport, Follower) {
-    let broker = sandbox.broker().await;
-    let operation_id = Uuid::now_v7();
-    let mut follower = Follower::bind(&broker, operation_id).await;
-    let plan_file = sandbox.write_file(&format!("plan-{operation_id}.toml"), plan_toml);
-    let output = sandbox.cli(&[
-        "backup",
-        "--plan",
-        plan_file.to_str().expect("path"),
-        "--operation-id",
-        &operation_id.to_string(),
-    ]);
-    assert!(
-        output.status.success(),
-        "backup submit failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        operation_id.to_string()
-    );
-    let (kind, report) = follower.until_terminal(TIMEOUT).await;
-    (kind, report, follower)
-}
+use support::{Sandbox, data};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backs_up_one_tenant_of_200k_documents_with_three_workers() {
@@ -71,7 +39,7 @@ async fn backs_up_one_tenant_of_200k_documents_with_three_workers() {
         chunk_rows = 10000
         version = "$.version"
     "#;
-    let (kind, report, follower) = run_backup(&sandbox, plan).await;
+    let (kind, report, follower) = sandbox.backup(plan).await;
     assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
     assert_eq!(report.state, OperationState::Completed);
     follower.assert_monotonic_to_100();
@@ -197,7 +165,7 @@ async fn chunks_stay_even_on_skewed_uuid_and_gapped_keys() {
         name = "gaps"
         table = "Gaps"
     "#;
-    let (kind, report, _) = run_backup(&sandbox, plan).await;
+    let (kind, report, _) = sandbox.backup(plan).await;
     assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
     let manifest = archive::manifest(
         &sandbox.storage,
@@ -281,7 +249,7 @@ async fn empty_tiny_huge_and_unicode_documents_round_trip() {
         name = "unicode"
         table = "Unicode"
     "#;
-    let (kind, report, follower) = run_backup(&sandbox, plan).await;
+    let (kind, report, follower) = sandbox.backup(plan).await;
     assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
     follower.assert_monotonic_to_100();
     let manifest = archive::manifest(

@@ -41,6 +41,7 @@ pub struct Sandbox {
     /// Where process logs and plan files go.
     pub work_dir: PathBuf,
     database: String,
+    extra_databases: Vec<String>,
     processes: Vec<Process>,
 }
 
@@ -123,6 +124,7 @@ impl Sandbox {
             amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
             database_url: format!("postgresql://postgres@127.0.0.1:5432/{name}"),
             database: name.clone(),
+            extra_databases: Vec::new(),
             name,
             storage,
             work_dir,
@@ -141,7 +143,44 @@ impl Sandbox {
         ]
     }
 
+    /// Creates another database (dropped with the sandbox) and returns its URL.
+    pub fn create_database(&mut self, suffix: &str) -> String {
+        let database = format!("{}_{suffix}", self.name);
+        let output = psql("postgres", &format!("CREATE DATABASE {database}"));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.extra_databases.push(database.clone());
+        format!("postgresql://postgres@127.0.0.1:5432/{database}")
+    }
+
+    /// A PostgreSQL client on another database of this server.
+    pub async fn pg_at(&self, url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|error| panic!("{PG_HINT}: {error}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Starts `count` workers of `pool` whose entity store is `source_url`.
+    pub fn start_pool_workers(&mut self, pool: &str, source_url: &str, count: usize) {
+        for index in 0..count {
+            let name = format!("{pool}-worker-{index}");
+            self.spawn_with(
+                &name,
+                &["worker", "--pool", pool, "--source-url", source_url],
+            );
+        }
+    }
+
     fn spawn(&mut self, name: &str, args: &[&str]) {
+        self.spawn_with(name, args);
+    }
+
+    fn spawn_with(&mut self, name: &str, args: &[&str]) {
         let log = File::create(self.work_dir.join(format!("{name}.log"))).expect("log file");
         let mut command = Command::new(BIN);
         command
@@ -300,6 +339,55 @@ impl Drop for Sandbox {
         } else {
             let _ = std::fs::remove_dir_all(&self.work_dir);
         }
+    }
+}
+
+impl Sandbox {
+    /// Backs up with the CLI (`backup --plan`), following the events; returns
+    /// the terminal event kind, its report and the follower.
+    pub async fn backup(&self, plan_toml: &str) -> (String, ProgressReport, Follower) {
+        let broker = self.broker().await;
+        let operation_id = Uuid::now_v7();
+        let mut follower = Follower::bind(&broker, operation_id).await;
+        let plan_file = self.write_file(&format!("plan-{operation_id}.toml"), plan_toml);
+        let output = self.cli(&[
+            "backup",
+            "--plan",
+            plan_file.to_str().expect("path"),
+            "--operation-id",
+            &operation_id.to_string(),
+        ]);
+        assert!(
+            output.status.success(),
+            "backup submit failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            operation_id.to_string()
+        );
+        let (kind, report) = follower.until_terminal(Duration::from_secs(240)).await;
+        (kind, report, follower)
+    }
+
+    /// Runs a CLI command that submits an operation with `--operation-id`,
+    /// following its events; returns the CLI's output and the terminal report.
+    pub async fn submit(
+        &self,
+        args: &[&str],
+    ) -> (Output, Option<(String, ProgressReport)>, Follower) {
+        let broker = self.broker().await;
+        let operation_id = Uuid::now_v7();
+        let mut follower = Follower::bind(&broker, operation_id).await;
+        let mut all: Vec<&str> = args.to_vec();
+        let id = operation_id.to_string();
+        all.extend_from_slice(&["--operation-id", &id]);
+        let output = self.cli(&all);
+        if !output.status.success() {
+            return (output, None, follower);
+        }
+        let terminal = follower.until_terminal(Duration::from_secs(240)).await;
+        (output, Some(terminal), follower)
     }
 }
 
