@@ -55,12 +55,15 @@ pub enum SourceError {
         target: String,
     },
     /// The entity's table does not exist.
-    #[error("table {schema}.{table} does not exist")]
+    #[error("table {schema}.{table} does not exist{}", hint_suffix(.hint))]
     MissingTable {
         /// Schema, as given.
         schema: String,
         /// Table, as given.
         table: String,
+        /// What to do about it, when there is more to say
+        /// (a restore cannot create a relational table from an archive).
+        hint: Option<&'static str>,
     },
     /// The relation exists but cannot be read as a table (a sequence, an index, a composite type).
     #[error("{schema}.{table} is a {kind}, not a table")]
@@ -151,6 +154,16 @@ pub enum SourceError {
         /// The driver's error.
         source: tokio_postgres::Error,
     },
+    /// An import session was used after one of its statements failed.
+    #[error("{context}: the import already failed ({reason}); abort it and start again")]
+    ImportFailed {
+        /// Which import (`import of entity orders`).
+        context: String,
+        /// The first failure.
+        reason: String,
+        /// Whether the first failure was retryable.
+        retryable: bool,
+    },
     /// The COPY stream is malformed or holds something that is not UTF-8 text.
     #[error("malformed copy stream: {reason}")]
     Decode {
@@ -179,6 +192,7 @@ impl SourceError {
             Self::Unsupported { .. } => "unsupported",
             Self::SnapshotLost { .. } => "snapshot_lost",
             Self::Query { source, .. } => query_code(source),
+            Self::ImportFailed { .. } => "import_failed",
             Self::Decode { .. } => "decode",
         }
     }
@@ -187,6 +201,7 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Unreachable { .. } | Self::PoolTimeout { .. } => true,
+            Self::ImportFailed { retryable, .. } => *retryable,
             Self::ConnectRejected { sqlstate, .. } => sqlstate
                 .as_deref()
                 .is_some_and(|code| code.starts_with("08") || RETRYABLE_STATES.contains(&code)),
@@ -219,6 +234,10 @@ impl SourceError {
             source,
         }
     }
+}
+
+fn hint_suffix(hint: &Option<&'static str>) -> String {
+    hint.map(|hint| format!("; {hint}")).unwrap_or_default()
 }
 
 /// SQLSTATEs after which retrying later is expected to work.
@@ -311,9 +330,19 @@ mod tests {
         let missing = SourceError::MissingTable {
             schema: "public".into(),
             table: "nope".into(),
+            hint: None,
         };
         assert!(!missing.is_retryable());
         assert_eq!(missing.to_string(), "table public.nope does not exist");
+        let relational = SourceError::MissingTable {
+            schema: "public".into(),
+            table: "people".into(),
+            hint: Some("create it first"),
+        };
+        assert_eq!(
+            relational.to_string(),
+            "table public.people does not exist; create it first"
+        );
 
         let lost = SourceError::SnapshotLost {
             snapshot_id: "00000003-0000001B-1".into(),

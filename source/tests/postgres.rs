@@ -12,7 +12,11 @@ mod support;
 mod catalog;
 #[path = "postgres/export.rs"]
 mod export;
+#[path = "postgres/import.rs"]
+mod import;
 #[path = "postgres/ranges.rs"]
 mod ranges;
+#[path = "postgres/restore.rs"]
+mod restore;
 #[path = "postgres/snapshot.rs"]
 mod snapshot;

@@ -51,6 +51,7 @@ pub(crate) async fn inspect(
         return Err(SourceError::MissingTable {
             schema: entity.schema.clone(),
             table: entity.table.clone(),
+            hint: None,
         });
     };
     let oid: u32 = table_row

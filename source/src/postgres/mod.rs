@@ -9,15 +9,26 @@
 //! - `ranges`: [`RangePlan`] and the ranking algorithm that picks boundaries.
 //! - `snapshot`: [`SnapshotHolder`], the transaction that keeps a snapshot importable.
 //! - `stream` and `copy`: [`RowStream`] and its binary `COPY` parser.
+//! - `restore`: restores into this database: [`PgSource::prepare_target`],
+//!   [`PgSource::begin_import`], `replace` mode's staging tables and swap.
+//! - `import`: [`ImportSession`], one import transaction fed by binary `COPY`.
+//! - `merge`: every restore statement's text (merge per mode, staging, swap).
+//! - `isolate`: row isolation, finding the rows a set-based write fails on.
 //!
 //! Connections: a [`PgSource`] pool of `max_connections`; each [`RowStream`]
 //! holds one pooled connection until it ends or is dropped; `inspect` and
 //! `plan_ranges` hold one briefly; each [`SnapshotHolder`] holds one more
-//! dedicated connection outside the pool.
+//! dedicated connection outside the pool; each [`ImportSession`] holds one
+//! pooled connection until it commits or aborts; the other restore calls hold
+//! one while they run.
 
 mod catalog;
 mod copy;
+mod import;
+mod isolate;
+mod merge;
 mod ranges;
+mod restore;
 mod session;
 mod snapshot;
 mod sql;
@@ -33,7 +44,9 @@ use tokio_postgres::Config;
 use crate::capabilities::AdapterCapabilities;
 use crate::error::SourceError;
 
+pub use import::{FLUSH_BYTES, ImportLine, ImportOutcome, ImportSession};
 pub use ranges::{MAX_CHUNK_BYTES, RangePlan, ranges_from_boundaries, rows_per_chunk};
+pub use restore::ApplyOutcome;
 pub use snapshot::SnapshotHolder;
 pub use stream::{ExportRow, RowStream};
 
@@ -179,6 +192,8 @@ mod tests {
         send_sync::<PgSource>();
         send_sync::<SnapshotHolder>();
         send_sync::<ExportRow>();
+        send_sync::<ImportOutcome>();
+        send_sync::<ApplyOutcome>();
 
         // Type-checked, never run.
         #[allow(dead_code)]
@@ -189,6 +204,32 @@ mod tests {
             send(&source.export(&entity, &KeyRange::default(), None, None));
             send(&stream.next());
             send(&stream);
+            let target = koan_protocol::jobs::RestoreTarget {
+                mode: koan_protocol::commands::RestoreMode::Merge,
+                target_scope: None,
+                staging_table: None,
+            };
+            send(&source.prepare_target(&entity));
+            send(&source.create_staging(&entity, uuid::Uuid::nil()));
+            send(&source.drop_staging(&entity, "koan_stage_x"));
+            send(&source.apply_staged(&entity, &target));
+            send(&source.begin_import(&entity, &target));
+            if let Ok(mut session) = source.begin_import(&entity, &target).await {
+                send(&session);
+                let line = ImportLine {
+                    line_no: 1,
+                    part: "p",
+                    key: "k",
+                    version: None,
+                    doc: "{}",
+                    raw: "{}",
+                };
+                send(&session.push(&line));
+                send(&session.commit());
+            }
+            if let Ok(session) = source.begin_import(&entity, &target).await {
+                send(&session.abort());
+            }
             if let Ok(holder) = source.open_snapshot().await {
                 send(&holder.plan_ranges(&entity));
                 send(&holder.is_alive());

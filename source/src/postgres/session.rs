@@ -222,6 +222,15 @@ impl Session {
         Ok(())
     }
 
+    /// `BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE`: the transaction restores write in.
+    pub(crate) async fn begin_write(&mut self) -> Result<(), SourceError> {
+        self.in_transaction = true;
+        self.client()
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE")
+            .await
+            .map_err(|error| SourceError::query("begin a read-write transaction", error))
+    }
+
     /// Commits and returns the connection to the pool.
     pub(crate) async fn commit(mut self) -> Result<(), SourceError> {
         self.client()
@@ -236,6 +245,16 @@ impl Session {
     pub(crate) async fn abort(mut self) {
         if self.client().batch_execute("ROLLBACK").await.is_ok() {
             self.in_transaction = false;
+        }
+    }
+
+    /// Ends a transaction after `error`: discards the connection when it was
+    /// lost (or may be mid-statement), else rolls back and returns it to the pool.
+    pub(crate) async fn end_failed(self, error: &SourceError) {
+        if error.code() == "connection_lost" {
+            self.discard();
+        } else {
+            self.abort().await;
         }
     }
 

@@ -176,7 +176,7 @@ fn invalid_plan(entity: &str, reason: &str) -> SourceError {
 }
 
 /// `'{"a","b"}'::text[]` for a JSON path of checked field names.
-fn path_literal(path: &[String]) -> Result<String, SourceError> {
+pub(crate) fn path_literal(path: &[String]) -> Result<String, SourceError> {
     if path.is_empty() {
         return Err(SourceError::Invalid(ProtocolError::InvalidName {
             field: "version".into(),

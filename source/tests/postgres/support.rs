@@ -1,8 +1,13 @@
-//! Shared helpers: a database per test, entity specs, exporting a whole range.
+//! Shared helpers: a database per test, entity specs, exporting a whole range,
+//! importing archived rows.
+
+use std::collections::BTreeMap;
 
 use koan_protocol::archive::KeyRange;
+use koan_protocol::commands::RestoreMode;
+use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::{BackupEntity, BackupPlan, EntitySpec};
-use koan_source::{PgSource, RangePlan, SourceError};
+use koan_source::{ImportLine, ImportOutcome, ImportSession, PgSource, RangePlan, SourceError};
 use tokio_postgres::{Client, NoTls};
 
 pub const START_HINT: &str =
@@ -178,4 +183,103 @@ pub async fn check_even_chunks(
     }
     assert_eq!(exported, expected, "every row exactly once, in key order");
     plan
+}
+
+/// One archived row: key text, version JSON, document JSON.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub key: String,
+    pub version: Option<String>,
+    pub doc: String,
+}
+
+pub fn archived(key: impl ToString, version: Option<&str>, doc: &str) -> Archived {
+    Archived {
+        key: key.to_string(),
+        version: version.map(str::to_string),
+        doc: doc.to_string(),
+    }
+}
+
+impl Archived {
+    /// The archive line the worker would have read.
+    pub fn raw(&self) -> String {
+        let key = if self.key.parse::<i64>().is_ok() {
+            self.key.clone()
+        } else {
+            format!("{:?}", self.key)
+        };
+        match &self.version {
+            Some(version) => format!(r#"{{"id":{key},"v":{version},"doc":{}}}"#, self.doc),
+            None => format!(r#"{{"id":{key},"doc":{}}}"#, self.doc),
+        }
+    }
+}
+
+pub fn restore_target(mode: RestoreMode) -> RestoreTarget {
+    RestoreTarget {
+        mode,
+        target_scope: None,
+        staging_table: None,
+    }
+}
+
+/// Pushes `rows` as lines 1.. of `part` into an open import.
+pub async fn push_all(
+    session: &mut ImportSession,
+    part: &str,
+    rows: &[Archived],
+) -> Result<(), SourceError> {
+    for (index, row) in rows.iter().enumerate() {
+        let raw = row.raw();
+        session
+            .push(&ImportLine {
+                line_no: index as u64 + 1,
+                part,
+                key: &row.key,
+                version: row.version.as_deref(),
+                doc: &row.doc,
+                raw: &raw,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Imports `rows` as one part, in one transaction.
+pub async fn import(
+    source: &PgSource,
+    entity: &EntitySpec,
+    target: &RestoreTarget,
+    part: &str,
+    rows: &[Archived],
+) -> Result<ImportOutcome, SourceError> {
+    let mut session = source.begin_import(entity, target).await?;
+    if let Err(error) = push_all(&mut session, part, rows).await {
+        session.abort().await;
+        return Err(error);
+    }
+    session.commit().await
+}
+
+/// Every row of a Koan table: key text → document as jsonb text.
+pub async fn documents(db: &TestDb, table: &str) -> BTreeMap<String, String> {
+    db.client
+        .query(
+            &format!("SELECT t.\"Id\"::text, t.\"Json\"::jsonb::text FROM {table} AS t"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|error| panic!("read {table}: {error:?}"))
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error:?}"))
+        .get(0)
 }

@@ -1,0 +1,297 @@
+//! Restores into a PostgreSQL target: checking (or creating) the target table,
+//! opening imports, and `replace` mode's staging tables and final swap.
+//!
+//! Every statement that writes the target resolves the key type and columns
+//! against the *target* catalog first, whatever the archived spec says.
+
+use koan_protocol::ProtocolError;
+use koan_protocol::commands::RestoreMode;
+use koan_protocol::events::RowFailure;
+use koan_protocol::jobs::RestoreTarget;
+use koan_protocol::plan::{EntitySpec, KeyType, Layout};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::error::SourceError;
+use crate::postgres::PgSource;
+use crate::postgres::catalog;
+use crate::postgres::import::{Destination, ImportSession};
+use crate::postgres::isolate::{Written, write_rows};
+use crate::postgres::merge::{self, COLUMNS_QUERY, MergeSql, RowsFrom, WriteTo};
+use crate::postgres::session::Session;
+
+/// Why a missing relational table is not created.
+const RELATIONAL_HINT: &str = "a restore cannot create a relational table from an archive \
+     (the archive holds rows, not the table's definition); create the table first";
+
+/// What `replace` mode's swap did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyOutcome {
+    /// Staged rows written into the target.
+    pub rows_written: u64,
+    /// Rows of the scope removed first.
+    pub rows_removed: u64,
+    /// Staged rows that could not be written, isolated from the rest.
+    pub failures: Vec<RowFailure>,
+}
+
+impl PgSource {
+    /// Restore target check: returns `entity` with `key_type` resolved against
+    /// the target database.
+    ///
+    /// A missing Koan-layout table is created (schema too): the key with the
+    /// archived key type as primary key, a `jsonb NOT NULL` document, a `jsonb`
+    /// version column and a `text` scope column when the entity has them. Safe
+    /// when workers race. A missing relational table is
+    /// [`SourceError::MissingTable`], saying it cannot be created from an archive.
+    pub async fn prepare_target(&self, entity: &EntitySpec) -> Result<EntitySpec, SourceError> {
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        match catalog::inspect(session.client(), entity).await {
+            Err(SourceError::MissingTable { schema, table, .. }) => {
+                if entity.layout == Layout::Relational {
+                    return Err(SourceError::MissingTable {
+                        schema,
+                        table,
+                        hint: Some(RELATIONAL_HINT),
+                    });
+                }
+                let context = format!("create table {schema}.{table} for entity {}", entity.name);
+                for statement in merge::create_target_statements(entity)? {
+                    execute_idempotent(session.client(), &statement, &context).await?;
+                }
+                tracing::info!(entity = %entity.name, %schema, %table, "created the missing target table");
+                catalog::inspect(session.client(), entity).await
+            }
+            other => other,
+        }
+    }
+
+    /// `replace` mode: creates (idempotently, safe when workers race) the
+    /// `UNLOGGED` staging table of this restore and entity in the target's
+    /// schema, and returns its name (`koan_stage_<operation>_<entity>`).
+    pub async fn create_staging(
+        &self,
+        entity: &EntitySpec,
+        operation_id: uuid::Uuid,
+    ) -> Result<String, SourceError> {
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        let key_type = target_key_type(session.client(), entity).await?;
+        let table = merge::staging_table_name(&entity.name, operation_id);
+        let statement = merge::create_staging_statement(entity, &table, key_type)?;
+        let context = format!("create staging table {table} for entity {}", entity.name);
+        execute_idempotent(session.client(), &statement, &context).await?;
+        Ok(table)
+    }
+
+    /// Starts importing one part (or a replay batch), in one transaction.
+    ///
+    /// `target.mode` says how rows are reconciled; with `target.staging_table`
+    /// they go to that `replace` staging table instead. `replace` without a
+    /// staging table is refused (replays of a `replace` restore use `overwrite`).
+    pub async fn begin_import(
+        &self,
+        entity: &EntitySpec,
+        target: &RestoreTarget,
+    ) -> Result<ImportSession, SourceError> {
+        let destination = match (&target.staging_table, target.mode) {
+            (Some(table), _) => {
+                merge::check_staging_name(table)?;
+                Destination::Staging(table.clone())
+            }
+            (None, RestoreMode::Replace) => {
+                return Err(invalid_plan(
+                    entity,
+                    "replace mode imports into a staging table, and none is given",
+                ));
+            }
+            (None, mode) => Destination::Target(mode),
+        };
+        let context = match &destination {
+            Destination::Target(mode) => {
+                format!("import of entity {} ({})", entity.name, mode.as_str())
+            }
+            Destination::Staging(table) => format!("import of entity {} into {table}", entity.name),
+        };
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        let sql = target_sql(session.client(), entity, target).await?;
+        ImportSession::start(session, sql, destination, context).await
+    }
+
+    /// `replace` mode, in one transaction: deletes the scope's rows from the
+    /// target (scope: `target.target_scope`, else the entity's; every row when
+    /// unscoped), inserts the staged rows (failing rows isolated), drops the
+    /// staging table. Any other failure leaves the target as it was. Once it
+    /// has succeeded, the staging table is gone and running it again returns
+    /// zero counts; concurrent runs are serialised by a lock on the staging table.
+    pub async fn apply_staged(
+        &self,
+        entity: &EntitySpec,
+        target: &RestoreTarget,
+    ) -> Result<ApplyOutcome, SourceError> {
+        let Some(staging) = target.staging_table.as_deref() else {
+            return Err(invalid_plan(entity, "apply_staged needs the staging table"));
+        };
+        merge::check_staging_name(staging)?;
+        let context = format!("apply of entity {} from {staging}", entity.name);
+        let mut session = Session::checkout(&self.pool, &self.target).await?;
+        let sql = target_sql(session.client(), entity, target).await?;
+        if let Err(error) = session.begin_write().await {
+            session.end_failed(&error).await;
+            return Err(error);
+        }
+        match apply_on(session.client(), &sql, entity, staging, &context).await {
+            Ok(Some(outcome)) => {
+                session.commit().await?;
+                tracing::info!(
+                    context,
+                    written = outcome.rows_written,
+                    removed = outcome.rows_removed,
+                    failed = outcome.failures.len(),
+                    "staged rows applied"
+                );
+                Ok(outcome)
+            }
+            Ok(None) => {
+                session.abort().await;
+                tracing::debug!(context, "staging table gone: already applied");
+                Ok(ApplyOutcome::default())
+            }
+            Err(error) => {
+                session.end_failed(&error).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops a staging table if it exists (only `koan_stage_*` names are accepted).
+    pub async fn drop_staging(&self, entity: &EntitySpec, table: &str) -> Result<(), SourceError> {
+        let statement = merge::drop_staging_statement(entity, table)?;
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        session
+            .client()
+            .batch_execute(&statement)
+            .await
+            .map_err(|error| SourceError::query(format!("drop staging table {table}"), error))
+    }
+}
+
+/// The swap, inside the caller's transaction; `None` when the staging table is gone.
+async fn apply_on(
+    client: &Client,
+    sql: &MergeSql,
+    entity: &EntitySpec,
+    staging: &str,
+    context: &str,
+) -> Result<Option<ApplyOutcome>, SourceError> {
+    let query = |error| SourceError::query(context, error);
+    client
+        .batch_execute("SET LOCAL work_mem = '64MB'")
+        .await
+        .map_err(query)?;
+    match client
+        .batch_execute(&sql.lock_staging_statement(staging))
+        .await
+    {
+        Ok(()) => {}
+        Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
+        Err(error) => return Err(query(error)),
+    }
+    let rows_removed = client
+        .execute(&sql.delete_scope_statement(), &[])
+        .await
+        .map_err(query)?;
+    let bounds = client
+        .query_one(&sql.bounds_statement(RowsFrom::Staging(staging)), &[])
+        .await
+        .map_err(query)?;
+    let lowest: Option<i64> = bounds.try_get(0).map_err(query)?;
+    let highest: Option<i64> = bounds.try_get(1).map_err(query)?;
+    let written = match (lowest, highest) {
+        (Some(lowest), Some(highest)) => {
+            let to = WriteTo::Target(RestoreMode::Replace);
+            let range = (lowest, highest.saturating_add(1));
+            write_rows(client, sql, RowsFrom::Staging(staging), to, range, context).await?
+        }
+        _ => Written::default(),
+    };
+    client
+        .batch_execute(&merge::drop_staging_statement(entity, staging)?)
+        .await
+        .map_err(query)?;
+    Ok(Some(ApplyOutcome {
+        rows_written: written.rows_written,
+        rows_removed,
+        failures: written.failures,
+    }))
+}
+
+/// The write statements of `entity` into `target`, against the target's catalog.
+async fn target_sql(
+    client: &Client,
+    entity: &EntitySpec,
+    target: &RestoreTarget,
+) -> Result<MergeSql, SourceError> {
+    let key_type = target_key_type(client, entity).await?;
+    let mut columns = Vec::new();
+    if entity.layout == Layout::Relational {
+        let rows = client
+            .query(COLUMNS_QUERY, &[&entity.schema, &entity.table])
+            .await
+            .map_err(|error| {
+                SourceError::query(format!("list the columns of {}", entity.table), error)
+            })?;
+        for row in rows {
+            columns.push(
+                row.try_get::<_, String>(0)
+                    .map_err(|error| SourceError::query("list columns", error))?,
+            );
+        }
+    }
+    MergeSql::new(entity, key_type, target.target_scope.as_deref(), &columns)
+}
+
+/// The key type of the target's table (checks the table and its columns too).
+async fn target_key_type(client: &Client, entity: &EntitySpec) -> Result<KeyType, SourceError> {
+    let inspected = catalog::inspect(client, entity).await?;
+    inspected
+        .key_type
+        .ok_or_else(|| SourceError::UnsupportedKeyType {
+            table: format!("{}.{}", entity.schema, entity.table),
+            column: entity.key.clone(),
+            sql_type: "unknown".into(),
+        })
+}
+
+/// DDL that another worker may be running at the same moment: losing the race
+/// (`IF NOT EXISTS` is not atomic against a concurrent creation) is success.
+async fn execute_idempotent(
+    client: &Client,
+    statement: &str,
+    context: &str,
+) -> Result<(), SourceError> {
+    match client.batch_execute(statement).await {
+        Ok(()) => Ok(()),
+        Err(error)
+            if error.code().is_some_and(|state| {
+                [
+                    SqlState::UNIQUE_VIOLATION,
+                    SqlState::DUPLICATE_TABLE,
+                    SqlState::DUPLICATE_SCHEMA,
+                    SqlState::DUPLICATE_OBJECT,
+                ]
+                .contains(state)
+            }) =>
+        {
+            tracing::debug!(context, "created concurrently by another worker");
+            Ok(())
+        }
+        Err(error) => Err(SourceError::query(context, error)),
+    }
+}
+
+fn invalid_plan(entity: &EntitySpec, reason: &str) -> SourceError {
+    SourceError::Invalid(ProtocolError::InvalidPlan {
+        plan_id: String::new(),
+        reason: format!("entity '{}': {reason}", entity.name.escape_default()),
+    })
+}
