@@ -101,7 +101,8 @@ pub async fn coordinator(amqp_url: &str, args: CoordinatorArgs) -> Result<u8> {
         .context(
             "the coordinator needs a state store: pass --database-url or set KOAN_DATABASE_URL",
         )?;
-    let mut config = koan_coordinator::Config::new(database_url).with_env_overrides()?;
+    let mut config = koan_coordinator::Config::new(database_url.clone()).with_env_overrides()?;
+    config.database_url = database_url;
     config.amqp_url = amqp_url.to_string();
     if let Some(schema) = args.schema {
         config.schema = schema;
@@ -130,8 +131,9 @@ pub async fn worker(amqp_url: &str, args: WorkerArgs) -> Result<u8> {
         .clone()
         .or_else(|| env("KOAN_SOURCE_URL"))
         .context("the worker needs an entity source: pass --source-url or set KOAN_SOURCE_URL")?;
-    let mut config = koan_worker::Config::new(source_url);
+    let mut config = koan_worker::Config::new(source_url.clone());
     config.apply_env(env)?;
+    config.source_url = source_url;
     config.amqp_url = amqp_url.to_string();
     if let Some(storage_url) = args.storage_url {
         config.storage_url = storage_url;
