@@ -22,7 +22,12 @@ use uuid::Uuid;
 
 use crate::error::WorkerError;
 use crate::events::BrokerEvents;
+use crate::jobs::apply::apply_restore;
+use crate::jobs::import::import_part;
 use crate::jobs::plan::{hold_snapshot, plan_entity};
+use crate::jobs::plan_restore::plan_restore;
+use crate::jobs::replay::replay_rows;
+use crate::jobs::verify::verify_backup;
 use crate::jobs::{JobSettings, Outcome, export::export_chunk, finalize::finalize};
 use crate::storage::Storage;
 
@@ -118,6 +123,49 @@ async fn run_job(
             .await
         }
         Job::Finalize(job) => finalize(&context.storage, &events, &job, delivery_count).await,
+        Job::PlanRestore(job) => {
+            plan_restore(
+                &context.source,
+                &context.storage,
+                &events,
+                &job,
+                delivery_count,
+            )
+            .await
+        }
+        Job::ImportPart(job) => {
+            import_part(
+                &context.source,
+                &context.storage,
+                &events,
+                &job,
+                delivery_count,
+                &context.shutdown,
+            )
+            .await
+        }
+        Job::ApplyRestore(job) => {
+            apply_restore(
+                &context.source,
+                &events,
+                &job,
+                delivery_count,
+                &context.shutdown,
+            )
+            .await
+        }
+        Job::Replay(job) => replay_rows(&context.source, &events, &job, delivery_count).await,
+        Job::Verify(job) => {
+            verify_backup(
+                &context.storage,
+                &events,
+                &context.settings,
+                &job,
+                delivery_count,
+                &context.shutdown,
+            )
+            .await
+        }
     }
 }
 

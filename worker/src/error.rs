@@ -60,6 +60,15 @@ pub enum WorkerError {
     /// A finalize job's manifest does not match the archive.
     #[error("manifest rejected: {0}")]
     Manifest(String),
+    /// A stored part cannot be read back: it does not decompress, ends
+    /// mid-frame or holds a line longer than any document can be.
+    #[error("part '{path}' is corrupt: {reason}")]
+    CorruptPart {
+        /// The part's storage path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl WorkerError {
@@ -75,6 +84,7 @@ impl WorkerError {
             Self::InvalidRow { .. } => "invalid_row",
             Self::Compress(_) => "compress",
             Self::Manifest(_) => "manifest",
+            Self::CorruptPart { .. } => "corrupt_part",
         }
     }
 
@@ -97,8 +107,20 @@ impl WorkerError {
             | Self::Protocol(_)
             | Self::InvalidRow { .. }
             | Self::Compress(_)
-            | Self::Manifest(_) => false,
+            | Self::Manifest(_)
+            | Self::CorruptPart { .. } => false,
         }
+    }
+
+    /// Whether this is storage saying the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::Storage {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
     }
 
     /// A storage error for `operation` on `path`.
@@ -140,6 +162,7 @@ mod tests {
         assert_eq!(missing.code(), "storage");
         assert!(missing.is_retryable());
         assert!(missing.to_string().contains("a/b"));
+        assert!(missing.is_not_found());
         let row = WorkerError::invalid_row(b"k\n1", "key is not valid UTF-8");
         assert_eq!(row.code(), "invalid_row");
         assert!(!row.is_retryable());

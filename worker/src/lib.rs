@@ -1,6 +1,8 @@
 //! The koan-backup worker: the data plane. It consumes jobs from its pools'
-//! queues, reads entities from PostgreSQL and writes archives to storage,
-//! keeping no state of its own between jobs, so any number can run side by side.
+//! queues, reads entities from PostgreSQL and writes archives to storage
+//! (backups), reads archives back into PostgreSQL (restores) and checks them
+//! (verify), keeping no state of its own between jobs, so any number can run
+//! side by side.
 //!
 //! # Layout
 //! - [`service`]: [`run`]: connects to RabbitMQ, declares the topology,
@@ -12,23 +14,34 @@
 //!     hold the snapshot in the background until the operation ends.
 //!   - [`jobs::export`]: claim a chunk, stream it into parts, report each part.
 //!   - [`jobs::finalize`]: check the parts, remove leftovers, write the manifest last.
+//!   - [`jobs::plan_restore`]: read the manifest, prepare the target, list the parts to import.
+//!   - [`jobs::import`]: one part into the target in one transaction, committed only if it matches the manifest.
+//!   - [`jobs::apply`]: `replace` mode: swap staged rows into the target.
+//!   - [`jobs::replay`]: write again the rows a restore could not write.
+//!   - [`jobs::verify`]: read every part and check it against the manifest.
+//!   - [`jobs::target`]: [`RestoreStore`](jobs::RestoreStore), where restores write (PostgreSQL).
 //! - [`chunk_writer`]: [`PartWriter`]: JSON lines → zstd → blake3 → multipart upload.
+//! - [`part_reader`]: [`PartReader`]: storage → blake3 + size → zstd → lines, the way back.
+//! - [`archive_line`]: parsing an archive line; the diagnostic of one that does not parse.
 //! - [`events`]: the [`Events`] sink jobs report to (RabbitMQ with confirms, or memory).
 //! - [`storage`]: archive storage over `object_store` (local directory).
 //! - [`config`]: [`Config`], defaults, `KOAN_*` overrides, validation.
 //! - [`error`]: [`WorkerError`] with codes and retry verdicts.
 //!
 //! The rules the worker keeps (ack after durable, run ids as fencing tokens,
-//! part sizes versus the consumer timeout, snapshot holding) are in `design.md`.
+//! part sizes versus the consumer timeout, snapshot holding, one transaction
+//! per imported part) are in `design.md`.
 
 #![warn(missing_docs)]
 
+pub mod archive_line;
 pub mod chunk_writer;
 pub mod config;
 mod delivery;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod part_reader;
 pub mod service;
 pub mod storage;
 
@@ -36,5 +49,6 @@ pub use chunk_writer::PartWriter;
 pub use config::Config;
 pub use error::WorkerError;
 pub use events::{BrokerEvents, Events, MemoryEvents};
+pub use part_reader::PartReader;
 pub use service::run;
 pub use storage::Storage;

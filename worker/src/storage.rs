@@ -10,11 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
+use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use crate::error::WorkerError;
+
+/// The bytes of an object, piece by piece.
+pub type ByteStream = BoxStream<'static, object_store::Result<bytes::Bytes>>;
 
 /// Where archives live, parsed from `storage_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +154,18 @@ impl Storage {
         }
     }
 
+    /// Opens an object for streaming: its size and its bytes, in pieces as
+    /// the backend delivers them (the local backend reads 8 KiB at a time).
+    pub async fn get_stream(&self, path: &str) -> Result<(u64, ByteStream), WorkerError> {
+        let location = Self::location(path)?;
+        let fetched = self
+            .store
+            .get(&location)
+            .await
+            .map_err(WorkerError::storage("get", path))?;
+        Ok((fetched.meta.size, fetched.into_stream()))
+    }
+
     /// Reads a whole object.
     pub async fn get(&self, path: &str) -> Result<bytes::Bytes, WorkerError> {
         let location = Self::location(path)?;
@@ -225,6 +241,11 @@ mod tests {
         listed.sort();
         assert_eq!(listed, vec!["b/x/one.json", "b/x/two.json"]);
         assert_eq!(storage.get("b/x/two.json").await.unwrap().as_ref(), b"[]");
+        let (size, stream) = storage.get_stream("b/x/two.json").await.unwrap();
+        let pieces: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!((size, pieces.concat()), (2, b"[]".to_vec()));
+        let missing = storage.get_stream("b/x/none").await.map(|(size, _)| size);
+        assert!(missing.unwrap_err().is_not_found());
         storage.delete("b/x/one.json").await.unwrap();
         storage.delete("b/x/one.json").await.unwrap();
         assert_eq!(storage.list("b/x").await.unwrap().len(), 1);

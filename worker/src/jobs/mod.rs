@@ -3,22 +3,42 @@
 //! Each job function takes its message, what it reads from and writes to, and
 //! returns an [`Outcome`]: the ack decision is a match, never string parsing.
 //! A job reports its own failures as events (`EntityFailed`, `ChunkFailed`,
-//! `FinalizeFailed`); `Err` is returned only when it could not report at all
-//! (RabbitMQ unreachable), and then the delivery goes back to the queue.
+//! `FinalizeFailed`, `ImportFailed`, `OperationFailed`); `Err` is returned
+//! only when it could not report at all (RabbitMQ unreachable), and then the
+//! delivery goes back to the queue.
+//!
+//! Backups: [`plan`], [`export`], [`finalize`]. Restores: [`plan_restore`],
+//! [`import`], [`apply`], [`replay`], writing through a [`RestoreStore`]
+//! ([`target`]); and [`verify`]. Restore and verify read manifests through
+//! `manifest` and parts through [`crate::part_reader`].
 
+pub mod apply;
 pub mod export;
 pub mod finalize;
+pub mod import;
+mod manifest;
 pub mod plan;
+pub mod plan_restore;
+pub mod replay;
+pub mod target;
+pub mod verify;
 
 use std::future::Future;
 use std::time::Duration;
 
 use koan_protocol::archive::KeyRange;
+use koan_protocol::events::{OperationFailed, WorkerEvent};
 use koan_protocol::plan::EntitySpec;
 use koan_protocol::topology::JOB_DELIVERY_LIMIT;
 use koan_source::{ExportRow, PgSource, RowStream, SourceError};
+use tracing::warn;
+use uuid::Uuid;
 
 use crate::config::Config;
+use crate::error::WorkerError;
+use crate::events::Events;
+
+pub use target::{ImportWriter, RestoreStore};
 
 /// What to do with a job's delivery once the job returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +90,79 @@ pub fn is_last_delivery(delivery_count: u32) -> bool {
 pub fn new_run_id() -> String {
     let random = uuid::Uuid::new_v4().simple().to_string();
     random[..12].to_string()
+}
+
+/// Why a restore, replay or verify job failed, as it is reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// Short stable code.
+    pub(crate) code: String,
+    /// What went wrong, naming the entity, table or part.
+    pub(crate) error: String,
+    /// Whether running the job again may succeed.
+    pub(crate) retryable: bool,
+}
+
+impl Failure {
+    /// A failure that running again cannot fix.
+    pub(crate) fn permanent(code: &str, error: impl Into<String>) -> Self {
+        Self {
+            code: code.to_string(),
+            error: error.into(),
+            retryable: false,
+        }
+    }
+
+    /// A source error, prefixed with what was being done.
+    pub(crate) fn source(context: &str, error: &SourceError) -> Self {
+        Self {
+            code: error.code().to_string(),
+            error: format!("{context}: {error}"),
+            retryable: error.is_retryable(),
+        }
+    }
+
+    /// A worker error (its message names the path or table already).
+    pub(crate) fn worker(error: &WorkerError) -> Self {
+        Self {
+            code: error.code().to_string(),
+            error: error.to_string(),
+            retryable: error.is_retryable(),
+        }
+    }
+}
+
+/// Settles a failed restore, replay or verify job: a retryable failure goes
+/// back to the queue until the last delivery; any other is reported as
+/// `OperationFailed` and acked.
+pub(crate) async fn fail_operation<E: Events>(
+    events: &E,
+    operation_id: Uuid,
+    job: &'static str,
+    failure: Failure,
+    delivery_count: u32,
+) -> Result<Outcome, WorkerError> {
+    let retry = failure.retryable && !is_last_delivery(delivery_count);
+    warn!(
+        %operation_id,
+        job,
+        code = %failure.code,
+        delivery_count,
+        retry,
+        error = %failure.error,
+        "job failed"
+    );
+    if retry {
+        return Ok(Outcome::Requeue);
+    }
+    events
+        .publish(&WorkerEvent::OperationFailed(OperationFailed {
+            operation_id,
+            code: failure.code,
+            error: failure.error,
+        }))
+        .await?;
+    Ok(Outcome::Ack)
 }
 
 /// Where an export reads rows from: PostgreSQL in production, fakes in tests.
