@@ -478,10 +478,11 @@ async fn cross_scope_restores_need_an_explicit_target_scope() {
             "staging",
         ])
         .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr.contains("merge behaves as overwrite"),
+        "the CLI says merge without a version is overwrite: {stderr}"
     );
     let (kind, report) = terminal.expect("terminal");
     assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
