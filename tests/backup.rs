@@ -18,13 +18,7 @@ use support::{Sandbox, data};
 async fn backs_up_one_tenant_of_200k_documents_with_three_workers() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}; ANALYZE \"Order\"",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 200_000, 3)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 200_000, 3).await;
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(3, &[]);
 
@@ -409,11 +403,7 @@ async fn invalid_plans_are_rejected_before_any_job() {
         "files written: {:?}",
         sandbox.archive_files()
     );
-    let count: i64 = pg
-        .query_one(r#"SELECT count(*) FROM "Real""#, &[])
-        .await
-        .expect("table intact")
-        .get(0);
+    let count = data::count(&pg, r#"SELECT count(*) FROM "Real""#).await;
     assert_eq!(count, 0);
     sandbox.assert_alive();
 }
@@ -422,13 +412,7 @@ async fn invalid_plans_are_rejected_before_any_job() {
 async fn a_python_client_submits_and_follows_a_backup() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 20_000, 2)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 20_000, 2).await;
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(2, &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/submit_backup.py");

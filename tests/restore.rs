@@ -154,11 +154,7 @@ async fn every_restore_mode_reconciles_as_defined() {
         &before,
         "after importing every part twice",
     );
-    let count: i64 = pg
-        .query_one(r#"SELECT count(*) FROM "Order""#, &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = data::count(&pg, r#"SELECT count(*) FROM "Order""#).await;
     assert_eq!(count as usize, before.len());
     sandbox.assert_alive();
 }
@@ -167,13 +163,7 @@ async fn every_restore_mode_reconciles_as_defined() {
 async fn a_corrupted_part_is_named_by_verify_and_never_restored() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 20_000, 1)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 20_000, 1).await;
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(2, &[]);
     let plan = "plan_id = \"orders\"\n[[entities]]\nname = \"orders\"\ntable = \"Order\"\nchunk_rows = 5000\n";
@@ -251,13 +241,7 @@ async fn a_corrupted_part_is_named_by_verify_and_never_restored() {
 async fn failed_rows_are_isolated_listed_and_replayed_without_duplicates() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 10_000, 1)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 10_000, 1).await;
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(2, &[]);
     let plan = "plan_id = \"orders\"\n[[entities]]\nname = \"orders\"\ntable = \"Order\"\nchunk_rows = 5000\n";
@@ -336,11 +320,7 @@ async fn failed_rows_are_isolated_listed_and_replayed_without_duplicates() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let count: i64 = pg
-        .query_one(r#"SELECT count(*) FROM "Order""#, &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = data::count(&pg, r#"SELECT count(*) FROM "Order""#).await;
     assert_eq!(count, 10_000 - 5, "everything else is restored");
 
     let listing = sandbox.cli(&["diagnostics", &restore_id, "--json"]);
@@ -407,11 +387,7 @@ async fn failed_rows_are_isolated_listed_and_replayed_without_duplicates() {
             .get(0);
         assert_eq!(found, 1, "{key} replayed once");
     }
-    let count: i64 = pg
-        .query_one(r#"SELECT count(*) FROM "Order""#, &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = data::count(&pg, r#"SELECT count(*) FROM "Order""#).await;
     assert_eq!(count, 10_000 - 3, "the two rows came back, nothing twice");
     let listing = sandbox.cli(&["diagnostics", &restore_id, "--json"]);
     let listing: Vec<serde_json::Value> =
@@ -428,13 +404,7 @@ async fn failed_rows_are_isolated_listed_and_replayed_without_duplicates() {
 async fn cross_scope_restores_need_an_explicit_target_scope() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 6_000, 2)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 6_000, 2).await;
     let staging_url = sandbox.create_database("staging");
     let staging = sandbox.pg_at(&staging_url).await;
     staging
@@ -522,13 +492,7 @@ async fn cross_scope_restores_need_an_explicit_target_scope() {
 async fn a_200k_three_tenant_backup_restores_into_an_empty_database() {
     let mut sandbox = Sandbox::new();
     let pg = sandbox.pg().await;
-    pg.batch_execute(&format!(
-        "{}; {}; ANALYZE \"Order\"",
-        data::koan_table("Order", "text"),
-        data::insert_orders("Order", 200_000, 3)
-    ))
-    .await
-    .expect("creating the source table");
+    data::orders(&pg, 200_000, 3).await;
     let empty_url = sandbox.create_database("empty");
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(1, &[]);

@@ -23,3 +23,23 @@ pub fn insert_orders(table: &str, rows: u64, tenants: u32) -> String {
            FROM generate_series(1, {rows}) AS i"#
     )
 }
+
+/// Creates the Koan-layout table `Order` (text keys) holding `rows` order
+/// documents spread over `tenants` tenants, and analyzes it.
+pub async fn orders(pg: &tokio_postgres::Client, rows: u64, tenants: u32) {
+    pg.batch_execute(&format!(
+        "{}; {}; ANALYZE \"Order\"",
+        koan_table("Order", "text"),
+        insert_orders("Order", rows, tenants)
+    ))
+    .await
+    .expect("creating the Order table");
+}
+
+/// The single integer a counting query returns.
+pub async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
+    pg.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"))
+        .get(0)
+}
