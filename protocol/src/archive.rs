@@ -148,6 +148,10 @@ pub struct ConsistencyFacts {
     /// One entry per entity planned under a shared snapshot.
     #[serde(default)]
     pub snapshots: Vec<SnapshotFacts>,
+    /// What happened to consistency on the way (for example: resumed after a
+    /// pause, the remaining chunks read at a new snapshot).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Totals of a backup.

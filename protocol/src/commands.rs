@@ -145,6 +145,18 @@ pub struct ReplayRows {
     pub replay_id: Option<Uuid>,
 }
 
+/// Resume a paused operation, named by its id or by a continuation token.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeOperation {
+    /// The operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<Uuid>,
+    /// A continuation token from a progress report (tamper-evident).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
 message_family! {
     /// A command to the coordinator; the envelope kind is also the routing key.
     pub enum Command: "command" {
@@ -162,6 +174,12 @@ message_family! {
         Diagnostics(DiagnosticsQuery) = "diagnostics",
         /// `replay`: start a replay operation of a restore's failed rows.
         Replay(ReplayRows) = "replay",
+        /// `pause`: no new chunks start; running chunks stop at their next part boundary.
+        Pause(OperationRef) = "pause",
+        /// `resume`: continue a paused operation from its durable position.
+        Resume(ResumeOperation) = "resume",
+        /// `cancel`: stop I/O, remove partial output, state `cancelled`.
+        Cancel(OperationRef) = "cancel",
     }
 }
 

@@ -337,6 +337,15 @@ pub struct VerifyDone {
     pub problems: Vec<String>,
 }
 
+/// A cancelled backup's objects are removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discarded {
+    /// The cancelled operation.
+    pub operation_id: Uuid,
+    /// Objects removed.
+    pub objects_removed: u64,
+}
+
 message_family! {
     /// A report from a worker to the coordinator.
     pub enum WorkerEvent: "worker event" {
@@ -374,6 +383,8 @@ message_family! {
         VerifyProgress(VerifyProgress) = "verify_progress",
         /// `verify_done`.
         VerifyDone(VerifyDone) = "verify_done",
+        /// `discarded`.
+        Discarded(Discarded) = "discarded",
     }
 }
 
@@ -398,6 +409,7 @@ impl WorkerEvent {
             Self::ReplayDone(event) => event.operation_id,
             Self::VerifyProgress(event) => event.operation_id,
             Self::VerifyDone(event) => event.operation_id,
+            Self::Discarded(event) => event.operation_id,
         }
     }
 }

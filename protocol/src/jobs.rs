@@ -157,6 +157,15 @@ pub struct VerifyJob {
     pub manifest_path: String,
 }
 
+/// Remove what a cancelled backup wrote: every object under its prefixes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardBackup {
+    /// The cancelled backup operation.
+    pub operation_id: Uuid,
+    /// Storage prefixes to empty (each `{bucket}/{scope}/{plan_id}/{backup_id}`).
+    pub prefixes: Vec<String>,
+}
+
 message_family! {
     /// A job for a worker pool.
     pub enum Job: "job" {
@@ -176,6 +185,8 @@ message_family! {
         Replay(ReplayJob) = "replay_rows",
         /// `verify_backup`.
         Verify(VerifyJob) = "verify_backup",
+        /// `discard_backup`.
+        Discard(DiscardBackup) = "discard_backup",
     }
 }
 
@@ -191,6 +202,7 @@ impl Job {
             Self::ApplyRestore(job) => job.operation_id,
             Self::Replay(job) => job.operation_id,
             Self::Verify(job) => job.operation_id,
+            Self::Discard(job) => job.operation_id,
         }
     }
 }
