@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use koan_protocol::commands::{
     Command, Diagnostics, DiagnosticsQuery, ListOperations, OperationRef, ReplayRows, Reply,
-    StartBackup, StartRestore, VerifyBackup,
+    ResumeOperation, StartBackup, StartRestore, VerifyBackup,
 };
 use koan_protocol::progress::ProgressReport;
 use koan_protocol::topology::{COMMANDS_EXCHANGE, EVENTS_EXCHANGE, operation_follow_key};
@@ -94,6 +94,23 @@ impl Client {
     /// Submits `replay` of a restore's failed rows.
     pub async fn replay(&self, command: ReplayRows) -> Result<Submitted> {
         self.start(Command::Replay(command)).await
+    }
+
+    /// Submits `pause`.
+    pub async fn pause(&self, operation_id: Uuid) -> Result<Submitted> {
+        self.start(Command::Pause(OperationRef { operation_id }))
+            .await
+    }
+
+    /// Submits `resume`, by operation id or continuation token.
+    pub async fn resume(&self, command: ResumeOperation) -> Result<Submitted> {
+        self.start(Command::Resume(command)).await
+    }
+
+    /// Submits `cancel`.
+    pub async fn cancel(&self, operation_id: Uuid) -> Result<Submitted> {
+        self.start(Command::Cancel(OperationRef { operation_id }))
+            .await
     }
 
     /// The failed rows of a restore.

@@ -5,11 +5,13 @@
 //! - `main.rs`: the command line and dispatch.
 //! - [`client`]: submitting commands and reading replies over AMQP.
 //! - [`follow`]: live progress of one operation.
+//! - [`lifecycle`]: `pause`, `resume` and `cancel`.
 //! - [`services`]: running the coordinator and workers until a signal.
 //! - [`logging`]: log output (human or JSON).
 
 mod client;
 mod follow;
+mod lifecycle;
 mod logging;
 mod services;
 
@@ -54,6 +56,12 @@ enum Command {
     Verify(VerifyArgs),
     /// List the rows a restore could not write; `--replay` writes them again.
     Diagnostics(DiagnosticsArgs),
+    /// Pause a backup: no new chunks start, running ones stop at a part boundary.
+    Pause(PauseArgs),
+    /// Resume a paused backup by its id or its continuation token.
+    Resume(ResumeArgs),
+    /// Cancel an operation; a backup's partial output is removed.
+    Cancel(CancelArgs),
     /// Show one operation.
     Status(StatusArgs),
     /// List recent operations.
@@ -164,6 +172,34 @@ struct DiagnosticsArgs {
 }
 
 #[derive(Debug, Args)]
+struct PauseArgs {
+    /// The backup operation.
+    operation_id: Uuid,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["operation_id", "token"])))]
+struct ResumeArgs {
+    /// The paused operation.
+    operation_id: Option<Uuid>,
+    /// The continuation token printed by `pause` or `status`.
+    #[arg(long)]
+    token: Option<String>,
+    /// Follow progress until the operation ends; exit 0 only if it completes.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// The operation.
+    operation_id: Uuid,
+    /// Wait until the operation is cancelled.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Debug, Args)]
 struct StatusArgs {
     /// The operation.
     operation_id: Uuid,
@@ -215,6 +251,13 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Restore(args) => restore(&cli.amqp_url, args).await,
         Command::Verify(args) => verify(&cli.amqp_url, args).await,
         Command::Diagnostics(args) => diagnostics(&cli.amqp_url, args).await,
+        Command::Pause(args) => lifecycle::pause(&cli.amqp_url, args.operation_id).await,
+        Command::Resume(args) => {
+            lifecycle::resume(&cli.amqp_url, args.operation_id, args.token, args.follow).await
+        }
+        Command::Cancel(args) => {
+            lifecycle::cancel(&cli.amqp_url, args.operation_id, args.follow).await
+        }
         Command::Status(args) => status(&cli.amqp_url, args).await,
         Command::List(args) => list(&cli.amqp_url, args).await,
     }

@@ -58,6 +58,7 @@ conformance! {
     flows::failures_fail_the_operation,
     flows::expired_leases_republish_with_the_next_attempt,
     flows::empty_entities_finalize_at_once,
+    lifecycle::pause_resume_and_cancel_are_idempotent,
     flows::parts_may_arrive_after_chunk_done,
     restores::restore_planned_twice_creates_units_once,
     restores::part_imported_twice_counts_once,
@@ -104,7 +105,7 @@ async fn coordinators_starting_together_migrate_once() {
         )
         .await
         .unwrap();
-    assert_eq!(versions.len(), 2, "every migration once");
+    assert_eq!(versions.len(), 3, "every migration once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod data;
+pub mod process;
 
 use std::fs::File;
 use std::net::TcpStream;
@@ -169,7 +170,7 @@ impl Sandbox {
     pub fn start_pool_workers(&mut self, pool: &str, source_url: &str, count: usize) {
         for index in 0..count {
             let name = format!("{pool}-worker-{index}");
-            self.spawn_with(
+            self.spawn(
                 &name,
                 &["worker", "--pool", pool, "--source-url", source_url],
             );
@@ -177,10 +178,11 @@ impl Sandbox {
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) {
-        self.spawn_with(name, args);
-    }
-
-    fn spawn_with(&mut self, name: &str, args: &[&str]) {
+        let mut args: Vec<&str> = args.to_vec();
+        if args.first() == Some(&"worker") && !args.contains(&"--worker-id") {
+            // Worker ids are the process names, so state and logs map to processes.
+            args.extend_from_slice(&["--worker-id", name]);
+        }
         let log = File::create(self.work_dir.join(format!("{name}.log"))).expect("log file");
         let mut command = Command::new(BIN);
         command
@@ -207,11 +209,7 @@ impl Sandbox {
 
     /// Starts `count` worker processes named `worker-<i>`.
     pub fn start_workers(&mut self, count: usize, extra: &[&str]) {
-        for index in 0..count {
-            let mut args = vec!["worker"];
-            args.extend_from_slice(extra);
-            self.spawn(&format!("worker-{index}"), &args);
-        }
+        self.start_named_workers("worker", count, extra);
     }
 
     /// Runs the CLI with this sandbox's environment.
@@ -298,9 +296,11 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         for process in &mut self.processes {
-            let _ = Command::new("kill")
-                .arg(process.child.id().to_string())
-                .status();
+            if let Ok(None) = process.child.try_wait() {
+                let _ = Command::new("kill")
+                    .arg(process.child.id().to_string())
+                    .status();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for process in &mut self.processes {
@@ -460,5 +460,27 @@ impl Follower {
             last = report.percent;
         }
         assert_eq!(last, 100.0, "the last percentage is {last}, not 100");
+    }
+}
+
+impl Sandbox {
+    /// Kills every process started so far (SIGKILL) and waits for each; their
+    /// logs stay readable. Start new ones under other names.
+    pub fn kill_all(&mut self) {
+        for process in &mut self.processes {
+            if let Ok(None) = process.child.try_wait() {
+                let _ = process.child.kill();
+            }
+            let _ = process.child.wait();
+        }
+    }
+
+    /// Starts `count` worker processes named `<prefix>-<i>`, with extra arguments.
+    pub fn start_named_workers(&mut self, prefix: &str, count: usize, extra: &[&str]) {
+        for index in 0..count {
+            let mut args = vec!["worker"];
+            args.extend_from_slice(extra);
+            self.spawn(&format!("{prefix}-{index}"), &args);
+        }
     }
 }

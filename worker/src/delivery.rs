@@ -22,13 +22,20 @@ use uuid::Uuid;
 
 use crate::error::WorkerError;
 use crate::events::BrokerEvents;
+use crate::halts::{HALT_EVENTS, Halts, operation_of};
 use crate::jobs::apply::apply_restore;
+use crate::jobs::discard::discard_backup;
+use crate::jobs::export::export_chunk_until;
 use crate::jobs::import::import_part;
 use crate::jobs::plan::{hold_snapshot, plan_entity};
 use crate::jobs::plan_restore::plan_restore;
 use crate::jobs::replay::replay_rows;
 use crate::jobs::verify::verify_backup;
-use crate::jobs::{JobSettings, Outcome, export::export_chunk, finalize::finalize};
+use crate::jobs::{JobSettings, Outcome, finalize::finalize};
+
+/// How long a discard waits before sweeping a cancelled backup's prefixes again
+/// (an export may have been completing a part when the `cancelled` event came).
+const DISCARD_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::storage::Storage;
 
 /// Public operation events after which a held snapshot is released.
@@ -47,6 +54,8 @@ pub(crate) struct WorkerContext {
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
     pub(crate) brokers: BrokerWatch,
+    /// In-flight export and import jobs, stopped when their operation is paused or cancelled.
+    pub(crate) halts: Halts,
 }
 
 /// Decodes a delivery into a job, or says why it cannot be one.
@@ -111,14 +120,16 @@ async fn run_job(
     match job {
         Job::PlanEntity(job) => plan_and_hold(context, broker, &events, &job, delivery_count).await,
         Job::ExportChunk(job) => {
-            export_chunk(
+            let guard = context.halts.register(job.operation_id, &context.shutdown);
+            export_chunk_until(
                 &context.source,
                 &context.storage,
                 &events,
                 &context.settings,
                 &job,
                 delivery_count,
-                &context.shutdown,
+                guard.token(),
+                Some(&guard),
             )
             .await
         }
@@ -134,13 +145,29 @@ async fn run_job(
             .await
         }
         Job::ImportPart(job) => {
-            import_part(
+            let guard = context.halts.register(job.operation_id, &context.shutdown);
+            let outcome = import_part(
                 &context.source,
                 &context.storage,
                 &events,
                 &job,
                 delivery_count,
-                &context.shutdown,
+                guard.token(),
+            )
+            .await;
+            if guard.halted() {
+                // Rolled back; the cancelled restore wants no more of it.
+                return Ok(Outcome::Ack);
+            }
+            outcome
+        }
+        Job::Discard(job) => {
+            discard_backup(
+                &context.storage,
+                &events,
+                &job,
+                delivery_count,
+                DISCARD_SETTLE,
             )
             .await
         }
@@ -293,6 +320,38 @@ async fn operation_end(
             }
         }
     }
+}
+
+/// Follows `operation.*.paused` and `operation.*.cancelled` on `subscription`
+/// (a private queue of this session) and stops the named operations' jobs,
+/// until the subscription ends (connection lost or worker stopping).
+pub(crate) async fn follow_halts(halts: Halts, mut subscription: Subscription) {
+    loop {
+        let incoming = match subscription.next().await {
+            Ok(incoming) => incoming,
+            Err(error) => {
+                debug!(%error, "operation events stream ended");
+                return;
+            }
+        };
+        if let Some(operation_id) = operation_of(&incoming.routing_key) {
+            let stopped = halts.halt(operation_id);
+            if stopped > 0 {
+                tracing::info!(%operation_id, event = %incoming.routing_key, stopped, "stopping the jobs of a paused or cancelled operation");
+            }
+        }
+        if let Err(error) = incoming.ack().await {
+            debug!(%error, "acking an operation event");
+        }
+    }
+}
+
+/// Binding keys of the halt events of every operation.
+pub(crate) fn halt_bindings() -> Vec<String> {
+    HALT_EVENTS
+        .iter()
+        .map(|event| format!("operation.*.{event}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,11 +18,13 @@
 //!   - [`jobs::import`]: one part into the target in one transaction, committed only if it matches the manifest.
 //!   - [`jobs::apply`]: `replace` mode: swap staged rows into the target.
 //!   - [`jobs::replay`]: write again the rows a restore could not write.
+//!   - [`jobs::discard`]: remove what a cancelled backup wrote.
 //!   - [`jobs::verify`]: read every part and check it against the manifest.
 //!   - [`jobs::target`]: [`RestoreStore`](jobs::RestoreStore), where restores write (PostgreSQL).
 //! - [`chunk_writer`]: [`PartWriter`]: JSON lines → zstd → blake3 → multipart upload.
 //! - [`part_reader`]: [`PartReader`]: storage → blake3 + size → zstd → lines, the way back.
 //! - [`archive_line`]: parsing an archive line; the diagnostic of one that does not parse.
+//! - [`halts`]: [`Halts`](halts::Halts), in-flight jobs by operation, stopped when it is paused or cancelled.
 //! - [`events`]: the [`Events`] sink jobs report to (RabbitMQ with confirms, or memory).
 //! - [`storage`]: archive storage over `object_store` (local directory).
 //! - [`config`]: [`Config`], defaults, `KOAN_*` overrides, validation.
@@ -40,6 +42,7 @@ pub mod config;
 mod delivery;
 pub mod error;
 pub mod events;
+pub mod halts;
 pub mod jobs;
 pub mod part_reader;
 pub mod service;

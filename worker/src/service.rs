@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use koan_protocol::topology::pool_queue;
+use koan_protocol::topology::{EVENTS_EXCHANGE, pool_queue};
 use koan_source::PgSource;
 use koan_transport::error::redact_url;
 use koan_transport::{Broker, Subscription, TransportError, topology};
@@ -67,6 +67,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
         brokers: brokers_rx,
+        halts: crate::halts::Halts::default(),
     });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let connection_name = format!("koan-worker {}", config.worker_id);
@@ -101,9 +102,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
                 continue;
             }
         };
+        // Bound before consuming jobs, so a pause or cancel is never missed
+        // by a job this session runs.
+        let halts = match broker
+            .follow(EVENTS_EXCHANGE, &crate::delivery::halt_bindings())
+            .await
+        {
+            Ok(followed) => followed,
+            Err(error) => {
+                warn!(%error, "following pause and cancel events failed, reconnecting");
+                for subscription in subscriptions {
+                    subscription.close().await;
+                }
+                broker.close().await;
+                pause(&shutdown, RESUBSCRIBE_PAUSE).await;
+                continue;
+            }
+        };
+        let halt_follower =
+            tokio::spawn(crate::delivery::follow_halts(context.halts.clone(), halts));
         brokers_tx.send_replace(Some(broker.clone()));
         info!(url = %broker.url(), pools = ?config.pools, "consuming jobs");
-        match consume(&context, &broker, &mut subscriptions, &permits).await {
+        let ended = consume(&context, &broker, &mut subscriptions, &permits).await;
+        halt_follower.abort();
+        match ended {
             SessionEnd::Shutdown => {
                 last_session = Some((broker, subscriptions));
                 break;

@@ -276,6 +276,7 @@ fn manifest_for(
         consistency: ConsistencyFacts {
             mode: plan.consistency,
             snapshots: Vec::new(),
+            notes: Vec::new(),
         },
         base_backup: None,
         labels: BTreeMap::new(),

@@ -1,5 +1,5 @@
 //! Client commands, each answered on `reply_to`: `start_backup`, `status` and
-//! `list` here; `start_restore`, `verify`, `diagnostics` and `replay` in
+//! `list` here; `pause`, `resume` and `cancel` in `lifecycle`; `start_restore`, `verify`, `diagnostics` and `replay` in
 //! [`restores`].
 //!
 //! A command that cannot be decoded (bad msgpack, unknown version, kind or
@@ -31,6 +31,7 @@ use crate::plans::PlanRegistry;
 use crate::store::{NewBackup, StateStore};
 
 mod catalog;
+mod lifecycle;
 pub mod restores;
 
 pub use catalog::SourceCatalog;
@@ -132,6 +133,9 @@ impl<S: StateStore> Commands<S> {
             Command::Verify(verify) => self.verify(verify, message_id).await,
             Command::Diagnostics(query) => self.diagnostics(query).await,
             Command::Replay(replay) => self.replay(replay, message_id).await,
+            Command::Pause(pause) => self.pause(pause).await,
+            Command::Resume(resume) => self.resume(resume).await,
+            Command::Cancel(cancel) => self.cancel(cancel).await,
         }
     }
 

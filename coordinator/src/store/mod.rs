@@ -185,6 +185,33 @@ pub struct Submitted {
     pub existing: bool,
 }
 
+/// The outcome of `pause`, `resume` or `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Done; `existing` when the operation was in the asked state already.
+    Done {
+        /// True when nothing changed (a repeated command).
+        existing: bool,
+    },
+    /// Refused: a stable code and a message naming the operation.
+    Refused {
+        /// `unknown_operation`, `not_running`, `not_paused`, `not_a_backup` or `finalizing`.
+        code: &'static str,
+        /// What is wrong.
+        error: String,
+    },
+}
+
+impl Lifecycle {
+    /// A refusal.
+    pub fn refused(code: &'static str, error: impl Into<String>) -> Self {
+        Self::Refused {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
 /// What applying a worker report did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -497,6 +524,33 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         claim: &ClaimChunk,
     ) -> impl Future<Output = Result<ChunkClaim, CoordinatorError>> + Send;
+
+    /// Pauses a backup that is planning or running: no claim is granted until
+    /// it is resumed, and its `paused` event (with the continuation token) is
+    /// queued. Pausing a paused backup changes nothing (`existing`).
+    fn pause(
+        &self,
+        operation_id: Uuid,
+    ) -> impl Future<Output = Result<Lifecycle, CoordinatorError>> + Send;
+
+    /// Resumes a paused backup: state `running` (or `planning`), every chunk
+    /// not done re-published with the next attempt (claims continue after the
+    /// last durable part). Under `snapshot` consistency the re-published
+    /// chunks read at a new snapshot and a note is kept for the manifest.
+    /// Resuming a running backup changes nothing (`existing`).
+    fn resume(
+        &self,
+        operation_id: Uuid,
+    ) -> impl Future<Output = Result<Lifecycle, CoordinatorError>> + Send;
+
+    /// Cancels an operation that has not ended: state `cancelled` (claims
+    /// refused, later reports ignored), its `cancelled` event, and for a
+    /// backup a `discard_backup` job removing what it wrote. Cancelling a
+    /// cancelled operation changes nothing (`existing`).
+    fn cancel(
+        &self,
+        operation_id: Uuid,
+    ) -> impl Future<Output = Result<Lifecycle, CoordinatorError>> + Send;
 
     /// Re-publishes chunks whose lease expired before `now` with the next attempt.
     fn reap_expired_leases(

@@ -126,6 +126,45 @@ pub fn export_job(
     QueuedMessage::job(&context.entity.pool, &job)
 }
 
+/// The `discard_backup` job of a cancelled backup: every entity's backup
+/// prefix (deduplicated, in plan order), to the first entity's pool.
+pub fn discard_job(
+    operation_id: Uuid,
+    plan_id: &str,
+    backup_id: Uuid,
+    entities: &[EntitySpec],
+) -> Result<Option<QueuedMessage>, CoordinatorError> {
+    let Some(first) = entities.first() else {
+        return Ok(None);
+    };
+    let mut prefixes: Vec<String> = Vec::with_capacity(entities.len());
+    for entity in entities {
+        let prefix = koan_protocol::archive::backup_prefix(
+            &entity.bucket,
+            entity.scope_segment(),
+            plan_id,
+            backup_id,
+        )?;
+        if !prefixes.contains(&prefix) {
+            prefixes.push(prefix);
+        }
+    }
+    let job = Job::Discard(koan_protocol::jobs::DiscardBackup {
+        operation_id,
+        prefixes,
+    });
+    QueuedMessage::job(&first.pool, &job).map(Some)
+}
+
+/// The manifest note of a resume under `snapshot` consistency.
+pub fn resumed_note(paused_at: Option<DateTime<Utc>>, resumed_at: DateTime<Utc>) -> String {
+    let paused = paused_at.map_or_else(|| "an unknown time".to_string(), |at| at.to_rfc3339());
+    format!(
+        "paused at {paused}, resumed at {}: chunks not finished before the pause were read at a new snapshot",
+        resumed_at.to_rfc3339()
+    )
+}
+
 /// The public event announcing `report`: `completed` or `failed` on those
 /// states, `progress` otherwise.
 pub fn event_for(report: ProgressReport) -> OperationEvent {
@@ -149,7 +188,8 @@ pub fn report_role(event: &WorkerEvent) -> Option<OperationRole> {
         | WorkerEvent::ChunkDone(_)
         | WorkerEvent::ChunkFailed(_)
         | WorkerEvent::ManifestWritten(_)
-        | WorkerEvent::FinalizeFailed(_) => Some(OperationRole::Backup),
+        | WorkerEvent::FinalizeFailed(_)
+        | WorkerEvent::Discarded(_) => Some(OperationRole::Backup),
         WorkerEvent::RestorePlanned(_)
         | WorkerEvent::PartImported(_)
         | WorkerEvent::ImportFailed(_)
@@ -198,11 +238,13 @@ pub fn check_claim(
     chunk: Option<(ChunkState, u32)>,
     claim: &ClaimChunk,
 ) -> Result<(), String> {
-    if !matches!(
-        operation_state,
-        OperationState::Planning | OperationState::Running
-    ) {
-        return Err(format!("operation is {}", operation_state.as_str()));
+    match operation_state {
+        OperationState::Planning | OperationState::Running => {}
+        // Workers read these two reasons as "stop, the job is handed back on resume".
+        OperationState::Paused | OperationState::Cancelled => {
+            return Err(operation_state.as_str().to_string());
+        }
+        other => return Err(format!("operation is {}", other.as_str())),
     }
     let Some((state, attempt)) = chunk else {
         return Err(format!(
@@ -266,6 +308,8 @@ pub struct BackupFacts {
     pub started_at: DateTime<Utc>,
     /// When its last chunk finished.
     pub completed_at: DateTime<Utc>,
+    /// Consistency notes (for example: resumed at a new snapshot).
+    pub notes: Vec<String>,
 }
 
 /// Assembles the manifest from the parts the coordinator accepted; entities in plan order.
@@ -307,6 +351,7 @@ pub fn assemble_manifest(facts: BackupFacts, entities: Vec<StoredEntity>) -> Man
         consistency: koan_protocol::archive::ConsistencyFacts {
             mode: facts.plan.consistency,
             snapshots,
+            notes: facts.notes,
         },
         plan: facts.plan,
         base_backup: None,
@@ -389,6 +434,14 @@ mod tests {
         );
         assert!(check_claim(Finalizing, Some((ChunkState::Pending, 1)), &claim(1)).is_err());
         assert!(check_claim(Failed, Some((ChunkState::Pending, 1)), &claim(1)).is_err());
+        assert_eq!(
+            check_claim(Paused, Some((ChunkState::Pending, 1)), &claim(1)).unwrap_err(),
+            "paused"
+        );
+        assert_eq!(
+            check_claim(Cancelled, Some((ChunkState::Running, 1)), &claim(1)).unwrap_err(),
+            "cancelled"
+        );
     }
 
     #[test]

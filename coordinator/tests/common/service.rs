@@ -253,6 +253,22 @@ pub async fn back_up(client: &Broker, jobs: &mut Subscription, operation_id: Uui
     )
     .await;
 
+    // Reports and commands travel on different queues: wait until the
+    // coordinator has applied the report before the caller sends commands.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = Command::Status(koan_protocol::commands::OperationRef { operation_id });
+        if let Reply::Status(report) = command(client, &status).await
+            && report.state == koan_protocol::progress::OperationState::Completed
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backup never completed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     finalize.path
 }
 

@@ -28,6 +28,7 @@ use crate::common::Recorder;
 
 pub mod checks;
 pub mod flows;
+pub mod lifecycle;
 pub mod replays;
 pub mod requests;
 pub mod restores;

@@ -10,7 +10,8 @@
 //!
 //! Failures abort the open part (it never appears in storage). Retryable ones
 //! are reported and requeued until the last delivery; shutdown stops at the
-//! next row boundary and requeues.
+//! next row boundary and requeues; a pause or cancel of the operation stops
+//! at the next row boundary and acks (the coordinator re-publishes on resume).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -28,6 +29,7 @@ use super::{ChunkSource, JobSettings, Outcome, RowCursor, is_last_delivery, new_
 use crate::chunk_writer::PartWriter;
 use crate::error::WorkerError;
 use crate::events::Events;
+use crate::halts::HaltGuard;
 use crate::storage::Storage;
 
 /// How a streaming pass ended without error.
@@ -65,6 +67,33 @@ pub async fn export_chunk<S: ChunkSource, E: Events>(
     job: &ExportChunk,
     delivery_count: u32,
     cancel: &CancellationToken,
+) -> Result<Outcome, WorkerError> {
+    export_chunk_until(
+        source,
+        storage,
+        events,
+        settings,
+        job,
+        delivery_count,
+        cancel,
+        None,
+    )
+    .await
+}
+
+/// Runs an `export_chunk` job that `halt` stops when its operation is paused
+/// or cancelled: the open part is aborted (never reported) and the job acked,
+/// since the coordinator re-publishes the chunk on resume.
+#[allow(clippy::too_many_arguments)]
+pub async fn export_chunk_until<S: ChunkSource, E: Events>(
+    source: &S,
+    storage: &Storage,
+    events: &E,
+    settings: &JobSettings,
+    job: &ExportChunk,
+    delivery_count: u32,
+    cancel: &CancellationToken,
+    halt: Option<&HaltGuard>,
 ) -> Result<Outcome, WorkerError> {
     let run = ChunkRun {
         job,
@@ -139,6 +168,10 @@ pub async fn export_chunk<S: ChunkSource, E: Events>(
                 elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "chunk exported"
             );
+            Ok(Outcome::Ack)
+        }
+        Ok(Streamed::Stopped) if halt.is_some_and(HaltGuard::halted) => {
+            info!(operation_id = %job.operation_id, entity = %job.entity.name, chunk = job.chunk, "chunk export stopped: the operation is paused or cancelled");
             Ok(Outcome::Ack)
         }
         Ok(Streamed::Stopped) => {

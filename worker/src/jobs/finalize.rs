@@ -171,6 +171,7 @@ mod tests {
                 consistency: koan_protocol::archive::ConsistencyFacts {
                     mode: koan_protocol::plan::Consistency::PerChunk,
                     snapshots: Vec::new(),
+                    notes: Vec::new(),
                 },
                 base_backup: None,
                 labels: Default::default(),

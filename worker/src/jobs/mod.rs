@@ -13,6 +13,7 @@
 //! `manifest` and parts through [`crate::part_reader`].
 
 pub mod apply;
+pub mod discard;
 pub mod export;
 pub mod finalize;
 pub mod import;

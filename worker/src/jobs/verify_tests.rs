@@ -60,6 +60,7 @@ async fn archive(parts: &[Option<&str>]) -> (Storage, VerifyJob) {
         consistency: ConsistencyFacts {
             mode: Consistency::PerChunk,
             snapshots: Vec::new(),
+            notes: Vec::new(),
         },
         base_backup: None,
         labels: Default::default(),

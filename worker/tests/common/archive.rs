@@ -133,6 +133,7 @@ pub async fn backup(
         consistency: ConsistencyFacts {
             mode: koan_protocol::plan::Consistency::PerChunk,
             snapshots: Vec::new(),
+            notes: Vec::new(),
         },
         base_backup: None,
         labels: BTreeMap::new(),

@@ -30,6 +30,11 @@ pub(super) async fn apply(
     event: &WorkerEvent,
 ) -> Result<Applied, CoordinatorError> {
     let operation_id = event.operation_id();
+    if let WorkerEvent::Discarded(report) = event {
+        // Arrives after the operation ended (`cancelled`): recorded, nothing to announce.
+        super::lifecycle::discarded(store, report).await?;
+        return Ok(Applied::Unchanged("discard recorded"));
+    }
     let mut client = store.client().await?;
     let db = Db::begin(&mut client, store).await?;
     let Some(mut operation) = lock_operation(&db, operation_id).await? else {
@@ -86,6 +91,7 @@ pub(super) async fn apply(
         }
         WorkerEvent::VerifyDone(report) => verifies::verify_done(&mut operation, report),
         WorkerEvent::OperationFailed(failed) => operation_failed(&mut operation, failed),
+        WorkerEvent::Discarded(_) => Applied::Unchanged("discard recorded"),
     };
     if applied == Applied::Changed {
         save_operation(&db, &mut operation).await?;

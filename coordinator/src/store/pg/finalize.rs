@@ -39,12 +39,13 @@ pub(super) async fn finalize_if_done(
     let row = db
         .query_opt(
             "read plan",
-            "SELECT plan FROM {s}.operations WHERE id = $1",
+            "SELECT plan, notes FROM {s}.operations WHERE id = $1",
             &[&operation_id],
         )
         .await?
         .ok_or_else(|| CoordinatorError::corrupt("operation", "vanished while finalizing"))?;
     let Json(plan): Json<BackupPlan> = get(&row, "plan")?;
+    let Json(notes): Json<Vec<String>> = get(&row, "notes")?;
     let entities = stored_entities(db, operation).await?;
     let manifest = assemble_manifest(
         BackupFacts {
@@ -53,6 +54,7 @@ pub(super) async fn finalize_if_done(
             labels: operation.record.labels.clone(),
             started_at: operation.record.created_at,
             completed_at: db.now,
+            notes,
         },
         entities,
     );

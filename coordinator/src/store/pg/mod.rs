@@ -24,8 +24,8 @@ use crate::error::CoordinatorError;
 use koan_protocol::commands::RowDiagnostic;
 
 use crate::store::{
-    Applied, BackupSource, Drained, NewBackup, NewReplay, NewRestore, NewVerify, OperationRecord,
-    OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
+    Applied, BackupSource, Drained, Lifecycle, NewBackup, NewReplay, NewRestore, NewVerify,
+    OperationRecord, OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
 };
 
 mod apply;
@@ -35,6 +35,7 @@ mod db;
 mod diagnostics;
 mod finalize;
 mod imports;
+mod lifecycle;
 mod operations;
 mod outbox;
 mod replays;
@@ -60,6 +61,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "restore",
         sql: include_str!("migrations/0002_restore.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "lifecycle",
+        sql: include_str!("migrations/0003_lifecycle.sql"),
     },
 ];
 
@@ -336,6 +342,18 @@ impl StateStore for PgStateStore {
 
     async fn claim_chunk(&self, claim: &ClaimChunk) -> Result<ChunkClaim, CoordinatorError> {
         claims::claim(self, claim).await
+    }
+
+    async fn pause(&self, operation_id: Uuid) -> Result<Lifecycle, CoordinatorError> {
+        lifecycle::pause(self, operation_id).await
+    }
+
+    async fn resume(&self, operation_id: Uuid) -> Result<Lifecycle, CoordinatorError> {
+        lifecycle::resume(self, operation_id).await
+    }
+
+    async fn cancel(&self, operation_id: Uuid) -> Result<Lifecycle, CoordinatorError> {
+        lifecycle::cancel(self, operation_id).await
     }
 
     async fn reap_expired_leases(&self, now: DateTime<Utc>) -> Result<u64, CoordinatorError> {
