@@ -1,0 +1,34 @@
+//! Fault injection on a sandbox's processes: signals by process name.
+
+use std::process::Command;
+
+use super::Sandbox;
+
+impl Sandbox {
+    /// Sends `signal` (`KILL`, `TERM`, `STOP`, `CONT`) to the process `name`.
+    pub fn signal(&mut self, name: &str, signal: &str) {
+        let process = self
+            .processes
+            .iter()
+            .find(|process| process.name == name)
+            .unwrap_or_else(|| panic!("no process named {name}"));
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), process.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} {name} failed");
+        if signal == "KILL" {
+            let process = self
+                .processes
+                .iter_mut()
+                .find(|process| process.name == name)
+                .expect("process");
+            let _ = process.child.wait();
+        }
+    }
+
+    /// Forgets a process that was killed, so `assert_alive` ignores it.
+    pub fn forget(&mut self, name: &str) {
+        self.processes.retain(|process| process.name != name);
+    }
+}
