@@ -290,3 +290,97 @@ async fn losing_the_snapshot_holder_fails_fast_with_a_clear_error() {
         .any(|file| file.ends_with("manifest.json"));
     assert!(!manifest_written, "a failed backup has no manifest");
 }
+
+/// Waits for a chunk that is running with at least one durable part and
+/// returns its worker and number.
+async fn running_chunk_with_parts(
+    sandbox: &Sandbox,
+    pg: &tokio_postgres::Client,
+    operation_id: Uuid,
+) -> (String, i32) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "never saw a running chunk with a durable part\n{}",
+            sandbox.logs()
+        );
+        let row = pg
+            .query_opt(
+                "SELECT c.worker, c.chunk FROM koan.chunks c
+                  WHERE c.operation_id = $1 AND c.state = 'running' AND c.parts >= 1 LIMIT 1",
+                &[&operation_id],
+            )
+            .await
+            .ok()
+            .flatten();
+        if let Some(row) = row {
+            return (row.get(0), row.get(1));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_source_connection_mid_chunk_is_retried() {
+    let mut sandbox = Sandbox::new();
+    let pg = sandbox.pg().await;
+    data::orders(&pg, ROWS, 1).await;
+    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
+    sandbox.start_workers(3, &[]);
+    let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
+    running_chunk_with_parts(&sandbox, &pg, operation_id).await;
+    let database = sandbox.name.clone();
+    let terminated: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND query ILIKE 'COPY%' AND pid <> pg_backend_pid()) t",
+            &[&database],
+        )
+        .await
+        .expect("terminating the COPY backends")
+        .get(0);
+    assert!(terminated >= 1, "no COPY was running to terminate");
+    assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+    sandbox.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_past_its_lease_is_replaced_and_cannot_corrupt_the_archive() {
+    let mut sandbox = Sandbox::new();
+    let pg = sandbox.pg().await;
+    data::orders(&pg, ROWS, 1).await;
+    sandbox.start_coordinator(
+        "coordinator",
+        &["--part-bytes", "1000000", "--lease-seconds", "5"],
+    );
+    sandbox.start_workers(3, &[]);
+    let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
+    let (victim, chunk) = running_chunk_with_parts(&sandbox, &pg, operation_id).await;
+    sandbox.signal(&victim, "STOP");
+    // Past the lease (5 s) and the coordinator's reaping interval (5 s): another worker takes the chunk.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt: i32 = pg
+            .query_one(
+                "SELECT attempt FROM koan.chunks WHERE operation_id = $1 AND chunk = $2",
+                &[&operation_id, &chunk],
+            )
+            .await
+            .expect("chunk")
+            .get(0);
+        if attempt >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped worker's chunk was never re-published\n{}",
+            sandbox.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sandbox.signal(&victim, "CONT");
+    assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+    sandbox.assert_alive();
+}
