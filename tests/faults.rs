@@ -384,3 +384,58 @@ async fn a_worker_stopped_past_its_lease_is_replaced_and_cannot_corrupt_the_arch
     assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
     sandbox.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_restore_is_replaced() {
+    let mut sandbox = Sandbox::new();
+    let pg = sandbox.pg().await;
+    data::orders(&pg, ROWS, 1).await;
+    let target_url = sandbox.create_database("target");
+    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
+    sandbox.start_workers(2, &[]);
+    sandbox.start_pool_workers("target", &target_url, 3);
+    let (backup_id, mut follower) = start_backup(&sandbox, 50_000).await;
+    assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+
+    let restore_id = Uuid::now_v7();
+    let broker = sandbox.broker().await;
+    let mut follower = Follower::bind(&broker, restore_id).await;
+    let output = sandbox.cli(&[
+        "restore",
+        &backup_id.to_string(),
+        "--mode",
+        "overwrite",
+        "--pool",
+        "target",
+        "--operation-id",
+        &restore_id.to_string(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while percent(&pg, restore_id).await < 10.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restore never reached 10 %\n{}",
+            sandbox.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sandbox.signal("target-worker-0", "KILL");
+    sandbox.forget("target-worker-0");
+    let (kind, report) = follower.until_terminal(Duration::from_secs(300)).await;
+    assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
+    let target = sandbox.pg_at(&target_url).await;
+    let digest = r#"SELECT count(*), md5(string_agg("Id" || ' ' || "Json"::text, E'\n' ORDER BY "Id")) FROM "Order""#;
+    let source_digest = pg.query_one(digest, &[]).await.expect("source digest");
+    let target_digest = target.query_one(digest, &[]).await.expect("target digest");
+    assert_eq!(target_digest.get::<_, i64>(0), ROWS as i64);
+    assert_eq!(
+        source_digest.get::<_, String>(1),
+        target_digest.get::<_, String>(1)
+    );
+    sandbox.assert_alive();
+}
