@@ -439,3 +439,36 @@ async fn a_worker_killed_mid_restore_is_replaced() {
     );
     sandbox.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_coordinators_at_once_publish_once_and_agree() {
+    let mut sandbox = Sandbox::new();
+    let pg = sandbox.pg().await;
+    data::orders(&pg, ROWS, 1).await;
+    sandbox.start_coordinator("coordinator-a", &["--part-bytes", "1000000"]);
+    sandbox.start_coordinator("coordinator-b", &["--part-bytes", "1000000"]);
+    sandbox.start_workers(3, &[]);
+    let (_, mut follower) = start_backup(&sandbox, 20_000).await;
+    let manifest = assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+    follower.collect_for(Duration::from_secs(3)).await;
+    follower.assert_monotonic_to_100();
+    let completed = follower
+        .reports
+        .iter()
+        .filter(|(kind, _)| kind == "completed")
+        .count();
+    assert_eq!(
+        completed, 1,
+        "the completed event was published {completed} times"
+    );
+    let mut parts = BTreeSet::new();
+    for (_, chunk, part) in manifest.parts() {
+        assert!(
+            parts.insert((chunk.chunk, part.part)),
+            "chunk {} part {} listed twice",
+            chunk.chunk,
+            part.part
+        );
+    }
+    sandbox.assert_alive();
+}

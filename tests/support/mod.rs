@@ -439,6 +439,20 @@ impl Follower {
         }
     }
 
+    /// Keeps collecting events for `duration` (to catch late duplicates).
+    pub async fn collect_for(&mut self, duration: Duration) {
+        let deadline = tokio::time::Instant::now() + duration;
+        while let Ok(Ok(delivery)) =
+            tokio::time::timeout_at(deadline, self.subscription.next()).await
+        {
+            delivery.ack().await.expect("ack");
+            let event = koan_protocol::decode::<OperationEvent>(&delivery.payload)
+                .expect("decoding an event");
+            let kind = koan_protocol::Message::kind(&event).to_string();
+            self.reports.push((kind, event.report().clone()));
+        }
+    }
+
     /// Asserts percentages, in arrival order, never decrease and end at exactly 100.
     pub fn assert_monotonic_to_100(&self) {
         let mut last = 0.0;
