@@ -314,10 +314,12 @@ impl Drop for Sandbox {
             let _ = process.child.wait();
         }
         let _ = run("rabbitmqctl", &["delete_vhost", &self.name]);
-        let _ = psql(
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
-        );
+        for database in std::iter::once(&self.database).chain(&self.extra_databases) {
+            let _ = psql(
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+            );
+        }
         if std::thread::panicking() {
             eprintln!(
                 "sandbox {} failed; logs kept in {}",
