@@ -15,6 +15,20 @@ use uuid::Uuid;
 
 const ROWS: u64 = 300_000;
 
+/// Small parts, so a chunk has several and a fault can land between two.
+const SMALL_PARTS: &[&str] = &["--part-bytes", "1000000"];
+
+/// A sandbox holding the 300,000-row `Order` table, a coordinator started
+/// with `coordinator_args` and three workers.
+async fn setup(coordinator_args: &[&str]) -> (Sandbox, tokio_postgres::Client) {
+    let mut sandbox = Sandbox::new();
+    let pg = sandbox.pg().await;
+    data::orders(&pg, ROWS, 1).await;
+    sandbox.start_coordinator("coordinator", coordinator_args);
+    sandbox.start_workers(3, &[]);
+    (sandbox, pg)
+}
+
 /// Submits the orders backup and returns its id and follower.
 async fn start_backup(sandbox: &Sandbox, chunk_rows: u64) -> (Uuid, Follower) {
     let broker = sandbox.broker().await;
@@ -84,11 +98,7 @@ async fn percent(pg: &tokio_postgres::Client, operation_id: Uuid) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_chunk_resumes_after_its_durable_parts() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
 
     // Find a chunk that is running with at least one durable part, on a worker
@@ -147,11 +157,7 @@ async fn a_worker_killed_mid_chunk_resumes_after_its_durable_parts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coordinator_killed_mid_backup_is_replaced() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 20_000).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while percent(&pg, operation_id).await < 20.0 {
@@ -171,11 +177,7 @@ async fn a_coordinator_killed_mid_backup_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered_and_the_backup_completes() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator("coordinator", &[]);
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(&[]).await;
     let (_, mut follower) = start_backup(&sandbox, 20_000).await;
 
     let broker = sandbox.broker().await;
@@ -246,11 +248,7 @@ async fn poison_messages_are_dead_lettered_and_the_backup_completes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn losing_the_snapshot_holder_fails_fast_with_a_clear_error() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 20_000).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let holder = loop {
@@ -323,11 +321,7 @@ async fn running_chunk_with_parts(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_terminated_source_connection_mid_chunk_is_retried() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator("coordinator", &["--part-bytes", "1000000"]);
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
     running_chunk_with_parts(&sandbox, &pg, operation_id).await;
     let database = sandbox.name.clone();
@@ -347,14 +341,7 @@ async fn a_terminated_source_connection_mid_chunk_is_retried() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_stopped_past_its_lease_is_replaced_and_cannot_corrupt_the_archive() {
-    let mut sandbox = Sandbox::new();
-    let pg = sandbox.pg().await;
-    data::orders(&pg, ROWS, 1).await;
-    sandbox.start_coordinator(
-        "coordinator",
-        &["--part-bytes", "1000000", "--lease-seconds", "5"],
-    );
-    sandbox.start_workers(3, &[]);
+    let (mut sandbox, pg) = setup(&["--part-bytes", "1000000", "--lease-seconds", "5"]).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
     let (victim, chunk) = running_chunk_with_parts(&sandbox, &pg, operation_id).await;
     sandbox.signal(&victim, "STOP");
@@ -429,14 +416,7 @@ async fn a_worker_killed_mid_restore_is_replaced() {
     let (kind, report) = follower.until_terminal(Duration::from_secs(300)).await;
     assert_eq!(kind, "completed", "{report:?}\n{}", sandbox.logs());
     let target = sandbox.pg_at(&target_url).await;
-    let digest = r#"SELECT count(*), md5(string_agg("Id" || ' ' || "Json"::text, E'\n' ORDER BY "Id")) FROM "Order""#;
-    let source_digest = pg.query_one(digest, &[]).await.expect("source digest");
-    let target_digest = target.query_one(digest, &[]).await.expect("target digest");
-    assert_eq!(target_digest.get::<_, i64>(0), ROWS as i64);
-    assert_eq!(
-        source_digest.get::<_, String>(1),
-        target_digest.get::<_, String>(1)
-    );
+    data::assert_same_orders(&pg, &target, ROWS as i64).await;
     sandbox.assert_alive();
 }
 

@@ -43,3 +43,24 @@ pub async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
         .unwrap_or_else(|error| panic!("{sql}: {error}"))
         .get(0)
 }
+
+/// Asserts the `Order` table of `target` holds `rows` rows, each with the
+/// same key and jsonb-equal document as in `source` (compared by digest).
+pub async fn assert_same_orders(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    rows: i64,
+) {
+    let digest = r#"SELECT count(*), md5(string_agg("Id" || ' ' || "Json"::text, E'\n' ORDER BY "Id")) FROM "Order""#;
+    let source_digest = source.query_one(digest, &[]).await.expect("source digest");
+    let target_digest = target
+        .query_one(digest, &[])
+        .await
+        .expect("target digest (the table exists)");
+    assert_eq!(target_digest.get::<_, i64>(0), rows, "rows in the target");
+    assert_eq!(
+        source_digest.get::<_, String>(1),
+        target_digest.get::<_, String>(1),
+        "the restored table differs from the source"
+    );
+}
