@@ -415,6 +415,13 @@ async fn a_python_client_submits_and_follows_a_backup() {
     data::orders(&pg, 20_000, 2).await;
     sandbox.start_coordinator("coordinator", &[]);
     sandbox.start_workers(2, &[]);
+    // The client talks to a running deployment: wait until the coordinator answers.
+    let ready = sandbox.cli(&["list"]);
+    assert!(
+        ready.status.success(),
+        "the coordinator does not answer: {}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/submit_backup.py");
     let output = std::process::Command::new("python3")
         .arg(script)
