@@ -7,6 +7,8 @@
 //! koan.events    topic, durable    operation.<id>.<event>  public events for clients
 //!                                  worker.<id>.<event>     worker reports → queue koan.coordinator (quorum)
 //! koan.dead      fanout, durable   → queue koan.dead: poison and over-limit messages, with a reason header
+//!                                  → queue koan.coordinator.dead: the coordinators' copy, to fail the
+//!                                    operation of a job dead-lettered after its delivery limit
 //! ```
 
 use uuid::Uuid;
@@ -25,6 +27,8 @@ pub const COORDINATOR_QUEUE: &str = "koan.coordinator";
 pub const DEAD_EXCHANGE: &str = "koan.dead";
 /// Dead-letter queue.
 pub const DEAD_QUEUE: &str = "koan.dead";
+/// The coordinators' copy of every dead-lettered message (jobs among them fail their operation).
+pub const COORDINATOR_DEAD_QUEUE: &str = "koan.coordinator.dead";
 
 /// Header naming why a message was dead-lettered.
 pub const DEAD_REASON_HEADER: &str = "x-koan-dead-reason";

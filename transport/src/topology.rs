@@ -9,8 +9,8 @@ use lapin::{Channel, ExchangeKind};
 
 use koan_protocol::topology::{
     COMMAND_ROUTING_KEYS, COMMANDS_EXCHANGE, COMMANDS_QUEUE, CONTROL_DELIVERY_LIMIT,
-    COORDINATOR_QUEUE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE, JOB_DELIVERY_LIMIT,
-    JOBS_EXCHANGE, WORKER_EVENTS_BINDING, pool_queue,
+    COORDINATOR_DEAD_QUEUE, COORDINATOR_QUEUE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE,
+    JOB_DELIVERY_LIMIT, JOBS_EXCHANGE, WORKER_EVENTS_BINDING, pool_queue,
 };
 
 use crate::error::TransportError;
@@ -139,7 +139,16 @@ pub async fn declare_coordinator(channel: &Channel) -> Result<(), TransportError
         EVENTS_EXCHANGE,
         WORKER_EVENTS_BINDING,
     )
-    .await
+    .await?;
+    // No dead-letter exchange here: a message dead-lettered once is never
+    // dead-lettered again (it stays in `koan.dead` for people to read).
+    let mut dead_arguments = FieldTable::default();
+    dead_arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    queue(channel, COORDINATOR_DEAD_QUEUE, dead_arguments).await?;
+    bind(channel, COORDINATOR_DEAD_QUEUE, DEAD_EXCHANGE, "").await
 }
 
 /// The job queue of one worker pool.
