@@ -37,7 +37,7 @@ impl Client {
     /// before the coordinator starts waits for it instead of being lost.
     pub async fn connect(amqp_url: &str) -> Result<Self> {
         let broker = Broker::connect(amqp_url, "koan-backup cli").await?;
-        topology::declare_coordinator(broker.publisher())
+        topology::declare_coordinator(&broker)
             .await
             .context("declaring the command topology")?;
         Ok(Self { broker })

@@ -166,7 +166,7 @@ impl<'b> BrokerSink<'b> {
 impl OutboxSink for BrokerSink<'_> {
     async fn publish(&self, message: &OutboxMessage) -> Result<(), CoordinatorError> {
         if message.exchange == JOBS_EXCHANGE && !self.is_declared(&message.routing_key) {
-            topology::declare_pool(self.broker.publisher(), &message.routing_key).await?;
+            topology::declare_pool(self.broker, &message.routing_key).await?;
             self.declared(&message.routing_key);
             debug!(pool = %message.routing_key, "pool queue declared");
         }

@@ -1,56 +1,44 @@
-//! One connection to RabbitMQ with a confirming publish channel.
+//! [`Broker`]: one participant's handle on a message broker, RabbitMQ or in-process.
 
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
-use tracing::{debug, warn};
+use lapin::Channel;
+use tracing::warn;
 
-use crate::error::{TransportError, redact_url};
+use crate::amqp::AmqpBroker;
+use crate::error::TransportError;
 use crate::incoming::Subscription;
+use crate::memory::{MemoryBroker, Participant};
 use crate::outgoing::Outgoing;
+use crate::topology::{ExchangeSpec, QueueSpec};
 
-/// A connection to RabbitMQ and a channel in confirm mode for publishing.
+/// A connection to a broker: RabbitMQ ([`Broker::connect`]) or an in-process
+/// broker shared with the other participants of this process ([`Broker::memory`]).
+/// Every other method behaves the same on both.
 #[derive(Debug)]
 pub struct Broker {
-    connection: Connection,
-    publisher: Channel,
-    url: String,
+    backend: Backend,
+}
+
+/// The broker behind a [`Broker`].
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// RabbitMQ over lapin.
+    Amqp(Box<AmqpBroker>),
+    /// The in-process broker.
+    Memory(Participant),
 }
 
 impl Broker {
-    /// Connects once; the error names the URL (without its password).
+    /// Connects to RabbitMQ once; the error names the URL (without its password).
     pub async fn connect(url: &str, name: &str) -> Result<Self, TransportError> {
-        let redacted = redact_url(url);
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(url, properties)
-            .await
-            .map_err(|source| TransportError::Unreachable {
-                url: redacted.clone(),
-                source,
-            })?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(TransportError::amqp("channel.open"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(TransportError::amqp("confirm.select"))?;
-        debug!(url = %redacted, "connected to rabbitmq");
         Ok(Self {
-            connection,
-            publisher,
-            url: redacted,
+            backend: Backend::Amqp(Box::new(AmqpBroker::connect(url, name).await?)),
         })
     }
 
-    /// Connects with exponential backoff and jitter, giving up after `max_elapsed`.
+    /// Connects to RabbitMQ with exponential backoff and jitter, giving up after `max_elapsed`.
     pub async fn connect_with_retry(
         url: &str,
         name: &str,
@@ -68,74 +56,79 @@ impl Broker {
             .await
     }
 
-    /// The broker URL, without its password.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Whether the connection is still usable.
-    pub fn is_connected(&self) -> bool {
-        self.connection.status().connected() && self.publisher.status().connected()
-    }
-
-    /// Opens a new channel (for consumers and requests).
-    pub async fn channel(&self) -> Result<Channel, TransportError> {
-        self.connection
-            .create_channel()
-            .await
-            .map_err(TransportError::amqp("channel.open"))
-    }
-
-    /// The confirming publish channel (for topology declarations).
-    pub fn publisher(&self) -> &Channel {
-        &self.publisher
-    }
-
-    /// Publishes `message` and waits for the broker's confirm; a nack is an error.
-    pub async fn publish(&self, message: &Outgoing) -> Result<(), TransportError> {
-        let confirm = self
-            .publisher
-            .basic_publish(
-                message.exchange.as_str().into(),
-                message.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &message.payload,
-                message.properties(),
-            )
-            .await
-            .map_err(TransportError::amqp("basic.publish"))?
-            .await
-            .map_err(TransportError::amqp("publisher confirm"))?;
-        if confirm.is_nack() {
-            return Err(TransportError::Nacked {
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
-            });
+    /// Attaches a participant named `name` (for logs and errors) to the
+    /// in-process broker `hub`; every broker attached to one hub shares its
+    /// exchanges and queues.
+    pub fn memory(hub: &MemoryBroker, name: &str) -> Self {
+        Self {
+            backend: Backend::Memory(Participant::new(hub, name)),
         }
-        Ok(())
     }
 
-    /// Consumes `queue` on a channel of its own with `prefetch` unacked deliveries at most.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The broker URL, without its password; `memory://<hub name>` in process.
+    pub fn url(&self) -> &str {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.url(),
+            Backend::Memory(memory) => memory.url(),
+        }
+    }
+
+    /// Whether this is an in-process broker.
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.backend, Backend::Memory(_))
+    }
+
+    /// Whether the connection is still usable (in process: until [`Broker::close`]).
+    pub fn is_connected(&self) -> bool {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.is_connected(),
+            Backend::Memory(memory) => memory.is_connected(),
+        }
+    }
+
+    /// Opens a new AMQP channel, for what the broker offers no method for.
+    /// RabbitMQ only: an in-process broker answers [`TransportError::AmqpOnly`].
+    pub async fn channel(&self) -> Result<Channel, TransportError> {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.channel().await,
+            Backend::Memory(memory) => Err(TransportError::AmqpOnly {
+                operation: "opening an amqp channel",
+                url: memory.url().to_string(),
+            }),
+        }
+    }
+
+    /// This broker. The topology functions used to take the publish channel
+    /// (`topology::declare_coordinator(broker.publisher())`); they take the
+    /// broker now, and this keeps that spelling compiling.
+    pub fn publisher(&self) -> &Self {
+        self
+    }
+
+    /// Publishes `message` and waits for the broker's confirm (a nack is an
+    /// error). In process: returns once the message is in every queue it
+    /// routes to, waiting while one of them is a full work queue.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), TransportError> {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.publish(message).await,
+            Backend::Memory(memory) => memory.publish(message).await,
+        }
+    }
+
+    /// Consumes `queue` with `prefetch` unacked deliveries at most (0: no limit).
     pub async fn subscribe(
         &self,
         queue: &str,
         prefetch: u16,
     ) -> Result<Subscription, TransportError> {
-        let channel = self.channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(TransportError::amqp("basic.qos"))?;
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(TransportError::amqp("basic.consume"))?;
-        Ok(Subscription::new(channel, consumer, queue.to_string()))
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.subscribe(queue, prefetch).await,
+            Backend::Memory(memory) => memory.subscribe(queue, prefetch),
+        }
     }
 
     /// Follows `exchange` through a private, server-named queue bound with `binding_keys`.
@@ -145,52 +138,49 @@ impl Broker {
         exchange: &str,
         binding_keys: &[String],
     ) -> Result<Subscription, TransportError> {
-        let channel = self.channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(TransportError::amqp("queue.declare"))?;
-        let name = queue.name().to_string();
-        for key in binding_keys {
-            channel
-                .queue_bind(
-                    name.as_str().into(),
-                    exchange.into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(TransportError::amqp("queue.bind"))?;
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.follow(exchange, binding_keys).await,
+            Backend::Memory(memory) => memory.follow(exchange, binding_keys),
         }
-        channel
-            .basic_qos(256, BasicQosOptions::default())
-            .await
-            .map_err(TransportError::amqp("basic.qos"))?;
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(TransportError::amqp("basic.consume"))?;
-        Ok(Subscription::new(channel, consumer, name))
     }
 
-    /// Closes the connection.
+    /// Declares a durable exchange; declaring it again with the same spec is
+    /// harmless, with another one an error.
+    pub async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.declare_exchange(spec).await,
+            Backend::Memory(memory) => memory.declare_exchange(spec),
+        }
+    }
+
+    /// Declares a durable queue; declaring it again with the same spec is
+    /// harmless, with another one an error.
+    pub async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), TransportError> {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.declare_queue(spec).await,
+            Backend::Memory(memory) => memory.declare_queue(spec),
+        }
+    }
+
+    /// Binds `queue` to `exchange` with `key` (idempotent).
+    pub async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> Result<(), TransportError> {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.bind_queue(queue, exchange, key).await,
+            Backend::Memory(memory) => memory.bind_queue(queue, exchange, key),
+        }
+    }
+
+    /// Closes the connection: its subscriptions end and their unacked
+    /// deliveries go back to their queues.
     pub async fn close(&self) {
-        if let Err(error) = self.connection.close(200, "bye".into()).await {
-            debug!(%error, "closing rabbitmq connection");
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.close().await,
+            Backend::Memory(memory) => memory.close(),
         }
     }
 }

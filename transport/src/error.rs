@@ -1,6 +1,8 @@
 //! Transport errors.
 
-/// What can go wrong talking to RabbitMQ.
+use crate::memory::MemoryError;
+
+/// What can go wrong talking to RabbitMQ or to the in-process broker.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The broker could not be reached or the connection dropped.
@@ -42,6 +44,22 @@ pub enum TransportError {
     ConsumerClosed {
         /// Queue.
         queue: String,
+    },
+    /// An operation of the in-process broker failed.
+    #[error("in-process broker {broker}: {source}")]
+    InProcess {
+        /// The in-process broker's name.
+        broker: String,
+        /// What failed.
+        source: MemoryError,
+    },
+    /// An operation that only an AMQP connection offers was asked of an in-process broker.
+    #[error("{operation} needs a RabbitMQ connection; {url} is an in-process broker")]
+    AmqpOnly {
+        /// What was asked.
+        operation: &'static str,
+        /// The in-process broker's URL.
+        url: String,
     },
 }
 

@@ -1,32 +1,51 @@
 //! Deliveries and the decisions taken on them.
 
 use futures::StreamExt;
-use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer};
+use lapin::{BasicProperties, Channel, Consumer};
 use tracing::warn;
 
 use koan_protocol::topology::{DEAD_EXCHANGE, DEAD_REASON_HEADER, DEAD_SOURCE_HEADER};
 
 use crate::broker::Broker;
 use crate::error::TransportError;
+use crate::memory;
 use crate::outgoing::Outgoing;
 
 /// A consumer on one queue.
 #[derive(Debug)]
 pub struct Subscription {
-    channel: Channel,
-    consumer: Consumer,
+    source: Source,
     queue: String,
 }
 
+/// Where a subscription's deliveries come from.
+#[derive(Debug)]
+enum Source {
+    Amqp(Box<AmqpConsumer>),
+    Memory(memory::Consumer),
+}
+
+/// A lapin consumer and the channel it runs on.
+#[derive(Debug)]
+struct AmqpConsumer {
+    channel: Channel,
+    consumer: Consumer,
+}
+
 impl Subscription {
-    pub(crate) fn new(channel: Channel, consumer: Consumer, queue: String) -> Self {
+    pub(crate) fn amqp(channel: Channel, consumer: Consumer, queue: String) -> Self {
         Self {
-            channel,
-            consumer,
+            source: Source::Amqp(Box::new(AmqpConsumer { channel, consumer })),
             queue,
+        }
+    }
+
+    pub(crate) fn memory(consumer: memory::Consumer) -> Self {
+        Self {
+            queue: consumer.queue().to_string(),
+            source: Source::Memory(consumer),
         }
     }
 
@@ -37,7 +56,11 @@ impl Subscription {
 
     /// The next delivery; an error when the channel or connection closed.
     pub async fn next(&mut self) -> Result<Incoming, TransportError> {
-        match self.consumer.next().await {
+        let consumer = match &mut self.source {
+            Source::Amqp(amqp) => &mut amqp.consumer,
+            Source::Memory(consumer) => return consumer.next().await,
+        };
+        match consumer.next().await {
             Some(Ok(delivery)) => Ok(Incoming::new(delivery, &self.queue)),
             Some(Err(source)) => Err(TransportError::Amqp {
                 operation: "basic.deliver",
@@ -51,18 +74,24 @@ impl Subscription {
 
     /// Stops consuming: no new deliveries; unacked ones can still be acked.
     pub async fn cancel(&self) {
-        if let Err(error) = self
-            .channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+        let (channel, consumer) = match &self.source {
+            Source::Amqp(amqp) => (&amqp.channel, &amqp.consumer),
+            Source::Memory(consumer) => return consumer.cancel(),
+        };
+        if let Err(error) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await
         {
             warn!(%error, queue = %self.queue, "cancelling consumer");
         }
     }
 
-    /// Closes the channel; unacked deliveries go back to the queue.
+    /// Closes the channel; unacked deliveries go back to the queue. Dropping
+    /// an in-process subscription does the same.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
+        if let Source::Amqp(amqp) = self.source {
+            let _ = amqp.channel.close(200, "bye".into()).await;
+        }
     }
 }
 
@@ -93,9 +122,40 @@ pub struct Incoming {
     acker: Acker,
 }
 
+/// Settles a delivery with the broker it came from.
+#[derive(Debug, Clone)]
+pub(crate) enum Acker {
+    Amqp(lapin::Acker),
+    Memory(memory::Acker),
+}
+
+/// What a delivery is made of, whichever broker it came from.
+#[derive(Debug)]
+pub(crate) struct Delivered<'a> {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) properties: &'a BasicProperties,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) redelivered: bool,
+    pub(crate) queue: &'a str,
+    pub(crate) acker: Acker,
+}
+
 impl Incoming {
     fn new(delivery: lapin::message::Delivery, queue: &str) -> Self {
-        let properties = &delivery.properties;
+        Self::from_parts(Delivered {
+            payload: delivery.data,
+            properties: &delivery.properties,
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            queue,
+            acker: Acker::Amqp(delivery.acker),
+        })
+    }
+
+    pub(crate) fn from_parts(delivered: Delivered<'_>) -> Self {
+        let properties = delivered.properties;
         let headers = properties.headers().clone().unwrap_or_default();
         let delivery_count = headers
             .inner()
@@ -110,14 +170,14 @@ impl Incoming {
                 .as_ref()
                 .map(|id| id.to_string()),
             message_id: properties.message_id().as_ref().map(|id| id.to_string()),
-            routing_key: delivery.routing_key.to_string(),
-            exchange: delivery.exchange.to_string(),
-            redelivered: delivery.redelivered,
+            routing_key: delivered.routing_key,
+            exchange: delivered.exchange,
+            redelivered: delivered.redelivered,
             delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
-            queue: queue.to_string(),
+            queue: delivered.queue.to_string(),
             headers,
-            payload: delivery.data,
-            acker: delivery.acker,
+            payload: delivered.payload,
+            acker: delivered.acker,
         }
     }
 
@@ -132,23 +192,29 @@ impl Incoming {
 
     /// Acknowledges: the work it asked for is durable.
     pub async fn ack(&self) -> Result<(), TransportError> {
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(TransportError::amqp("basic.ack"))
+        match &self.acker {
+            Acker::Amqp(acker) => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(TransportError::amqp("basic.ack")),
+            Acker::Memory(acker) => acker.ack(),
+        }
     }
 
     /// Hands it back to the queue for another consumer (counts as a delivery).
     pub async fn requeue(&self) -> Result<(), TransportError> {
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .map(|_| ())
-            .map_err(TransportError::amqp("basic.nack"))
+        match &self.acker {
+            Acker::Amqp(acker) => acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(TransportError::amqp("basic.nack")),
+            Acker::Memory(acker) => acker.requeue(),
+        }
     }
 
     /// Moves it to `koan.dead` with a header stating `reason`, then acks it.

@@ -1,4 +1,5 @@
-//! Request and reply over RabbitMQ's direct reply-to.
+//! Request and reply: over RabbitMQ's direct reply-to, or in process through
+//! a private reply queue of the requester.
 
 use std::time::Duration;
 
@@ -6,9 +7,11 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 
-use crate::broker::Broker;
+use crate::amqp::AmqpBroker;
+use crate::broker::{Backend, Broker};
 use crate::error::TransportError;
 use crate::incoming::Incoming;
+use crate::memory::Participant;
 use crate::outgoing::Outgoing;
 
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -25,6 +28,50 @@ pub struct ReplyMessage {
 /// Publishes `request` and waits up to `timeout` for the reply with its correlation id.
 pub async fn request(
     broker: &Broker,
+    request: Outgoing,
+    timeout: Duration,
+) -> Result<ReplyMessage, TransportError> {
+    match broker.backend() {
+        Backend::Amqp(amqp) => request_amqp(amqp, request, timeout).await,
+        Backend::Memory(participant) => request_in_process(participant, request, timeout).await,
+    }
+}
+
+/// The request and its reply through a private queue of the requester, named
+/// like a direct reply-to address; the queue goes when the request ends.
+async fn request_in_process(
+    participant: &Participant,
+    mut request: Outgoing,
+    timeout: Duration,
+) -> Result<ReplyMessage, TransportError> {
+    let mut replies = participant.reply_queue(DIRECT_REPLY_TO)?;
+    let correlation_id = request
+        .correlation_id
+        .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+        .clone();
+    request.reply_to = Some(replies.queue().to_string());
+    let exchange = async {
+        participant.publish(&request).await?;
+        loop {
+            let reply = replies.next().await?;
+            if reply.correlation_id.as_deref() == Some(correlation_id.as_str()) {
+                return Ok(ReplyMessage {
+                    kind: reply.kind,
+                    payload: reply.payload,
+                });
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| TransportError::Timeout {
+            kind: request.kind.clone(),
+            seconds: timeout.as_secs(),
+        })?
+}
+
+async fn request_amqp(
+    broker: &AmqpBroker,
     mut request: Outgoing,
     timeout: Duration,
 ) -> Result<ReplyMessage, TransportError> {

@@ -1,11 +1,11 @@
 //! Declares the exchanges and queues of `koan_protocol::topology`.
 //!
+//! The topology is described as data ([`ExchangeSpec`], [`QueueSpec`]) that
+//! either backend of [`Broker`] applies: RabbitMQ gets durable exchanges and
+//! quorum queues, the in-process broker their in-memory equivalents.
+//!
 //! Declarations are idempotent; every service declares what it uses at start
 //! and after reconnecting, so the order services start in does not matter.
-
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
 
 use koan_protocol::topology::{
     COMMAND_ROUTING_KEYS, COMMANDS_EXCHANGE, COMMANDS_QUEUE, CONTROL_DELIVERY_LIMIT,
@@ -13,147 +13,151 @@ use koan_protocol::topology::{
     JOB_DELIVERY_LIMIT, JOBS_EXCHANGE, WORKER_EVENTS_BINDING, pool_queue,
 };
 
+use crate::broker::Broker;
 use crate::error::TransportError;
 
-fn durable() -> ExchangeDeclareOptions {
-    ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
+/// How an exchange routes a message to the queues bound to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// To queues bound with exactly the routing key.
+    Direct,
+    /// To queues whose binding pattern matches the routing key: `.`-separated
+    /// words, `*` standing for one word and `#` for zero or more.
+    Topic,
+    /// To every bound queue, whatever the routing key.
+    Fanout,
+}
+
+/// A durable exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeSpec {
+    /// Name.
+    pub name: String,
+    /// Routing.
+    pub kind: ExchangeKind,
+    /// Exchange receiving the messages no queue is bound for (`alternate-exchange`).
+    pub alternate: Option<String>,
+}
+
+impl ExchangeSpec {
+    /// An exchange without alternate exchange.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            alternate: None,
+        }
+    }
+
+    /// Sends unroutable messages to `exchange`.
+    pub fn alternate(mut self, exchange: impl Into<String>) -> Self {
+        self.alternate = Some(exchange.into());
+        self
     }
 }
 
-fn quorum(delivery_limit: u32) -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    arguments.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(i32::try_from(delivery_limit).unwrap_or(i32::MAX)),
-    );
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
-    );
-    arguments
+/// What a queue is for, which decides its arguments on either backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueRole {
+    /// Work consumed and acknowledged: a quorum queue whose messages returned
+    /// more than `delivery_limit` times are dead-lettered to `dead_letter_exchange`.
+    /// In process: bounded, and publishing to it when full waits.
+    Work {
+        /// Returns (requeues, consumers lost) a message survives.
+        delivery_limit: u32,
+        /// Where over-limit messages go.
+        dead_letter_exchange: String,
+    },
+    /// A record kept for reading later (dead letters): a quorum queue without
+    /// a delivery limit. In process: bounded, and the oldest message is dropped
+    /// to make room.
+    Archive,
 }
 
-async fn queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<(), TransportError> {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
+/// A durable queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Name.
+    pub name: String,
+    /// What it is for.
+    pub role: QueueRole,
+}
+
+impl QueueSpec {
+    /// A work queue dead-lettering to `koan.dead` after `delivery_limit` returns.
+    pub fn work(name: impl Into<String>, delivery_limit: u32) -> Self {
+        Self {
+            name: name.into(),
+            role: QueueRole::Work {
+                delivery_limit,
+                dead_letter_exchange: DEAD_EXCHANGE.to_string(),
             },
-            arguments,
-        )
-        .await
-        .map(|_| ())
-        .map_err(TransportError::amqp("queue.declare"))
-}
+        }
+    }
 
-async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), TransportError> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(TransportError::amqp("queue.bind"))
+    /// A queue of records (no delivery limit, no dead-lettering).
+    pub fn archive(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            role: QueueRole::Archive,
+        }
+    }
 }
 
 /// Exchanges and the dead-letter queue: what every participant needs.
-pub async fn declare_exchanges(channel: &Channel) -> Result<(), TransportError> {
-    channel
-        .exchange_declare(
-            DEAD_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            durable(),
-            FieldTable::default(),
+pub async fn declare_exchanges(broker: &Broker) -> Result<(), TransportError> {
+    broker
+        .declare_exchange(&ExchangeSpec::new(DEAD_EXCHANGE, ExchangeKind::Fanout))
+        .await?;
+    broker
+        .declare_queue(&QueueSpec::archive(DEAD_QUEUE))
+        .await?;
+    broker.bind_queue(DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
+    broker
+        .declare_exchange(
+            &ExchangeSpec::new(COMMANDS_EXCHANGE, ExchangeKind::Direct).alternate(DEAD_EXCHANGE),
         )
+        .await?;
+    broker
+        .declare_exchange(&ExchangeSpec::new(JOBS_EXCHANGE, ExchangeKind::Direct))
+        .await?;
+    broker
+        .declare_exchange(&ExchangeSpec::new(EVENTS_EXCHANGE, ExchangeKind::Topic))
         .await
-        .map_err(TransportError::amqp("exchange.declare"))?;
-    let mut dead_arguments = FieldTable::default();
-    dead_arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    queue(channel, DEAD_QUEUE, dead_arguments).await?;
-    bind(channel, DEAD_QUEUE, DEAD_EXCHANGE, "").await?;
-
-    let mut commands_arguments = FieldTable::default();
-    commands_arguments.insert(
-        "alternate-exchange".into(),
-        AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
-    );
-    channel
-        .exchange_declare(
-            COMMANDS_EXCHANGE.into(),
-            ExchangeKind::Direct,
-            durable(),
-            commands_arguments,
-        )
-        .await
-        .map_err(TransportError::amqp("exchange.declare"))?;
-    channel
-        .exchange_declare(
-            JOBS_EXCHANGE.into(),
-            ExchangeKind::Direct,
-            durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(TransportError::amqp("exchange.declare"))?;
-    channel
-        .exchange_declare(
-            EVENTS_EXCHANGE.into(),
-            ExchangeKind::Topic,
-            durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(TransportError::amqp("exchange.declare"))
 }
 
-/// The coordinator's queues: commands and worker reports.
-pub async fn declare_coordinator(channel: &Channel) -> Result<(), TransportError> {
-    declare_exchanges(channel).await?;
-    queue(channel, COMMANDS_QUEUE, quorum(CONTROL_DELIVERY_LIMIT)).await?;
+/// The coordinator's queues: commands, worker reports and its copy of dead letters.
+pub async fn declare_coordinator(broker: &Broker) -> Result<(), TransportError> {
+    declare_exchanges(broker).await?;
+    broker
+        .declare_queue(&QueueSpec::work(COMMANDS_QUEUE, CONTROL_DELIVERY_LIMIT))
+        .await?;
     for key in COMMAND_ROUTING_KEYS {
-        bind(channel, COMMANDS_QUEUE, COMMANDS_EXCHANGE, key).await?;
+        broker
+            .bind_queue(COMMANDS_QUEUE, COMMANDS_EXCHANGE, key)
+            .await?;
     }
-    queue(channel, COORDINATOR_QUEUE, quorum(CONTROL_DELIVERY_LIMIT)).await?;
-    bind(
-        channel,
-        COORDINATOR_QUEUE,
-        EVENTS_EXCHANGE,
-        WORKER_EVENTS_BINDING,
-    )
-    .await?;
+    broker
+        .declare_queue(&QueueSpec::work(COORDINATOR_QUEUE, CONTROL_DELIVERY_LIMIT))
+        .await?;
+    broker
+        .bind_queue(COORDINATOR_QUEUE, EVENTS_EXCHANGE, WORKER_EVENTS_BINDING)
+        .await?;
     // No dead-letter exchange here: a message dead-lettered once is never
     // dead-lettered again (it stays in `koan.dead` for people to read).
-    let mut dead_arguments = FieldTable::default();
-    dead_arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    queue(channel, COORDINATOR_DEAD_QUEUE, dead_arguments).await?;
-    bind(channel, COORDINATOR_DEAD_QUEUE, DEAD_EXCHANGE, "").await
+    broker
+        .declare_queue(&QueueSpec::archive(COORDINATOR_DEAD_QUEUE))
+        .await?;
+    broker
+        .bind_queue(COORDINATOR_DEAD_QUEUE, DEAD_EXCHANGE, "")
+        .await
 }
 
 /// The job queue of one worker pool.
-pub async fn declare_pool(channel: &Channel, pool: &str) -> Result<(), TransportError> {
+pub async fn declare_pool(broker: &Broker, pool: &str) -> Result<(), TransportError> {
     let name = pool_queue(pool);
-    queue(channel, &name, quorum(JOB_DELIVERY_LIMIT)).await?;
-    bind(channel, &name, JOBS_EXCHANGE, pool).await
+    broker
+        .declare_queue(&QueueSpec::work(name.as_str(), JOB_DELIVERY_LIMIT))
+        .await?;
+    broker.bind_queue(&name, JOBS_EXCHANGE, pool).await
 }

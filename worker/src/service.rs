@@ -147,11 +147,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
 /// Declares the topology and subscribes to every pool queue.
 async fn subscribe(broker: &Broker, config: &Config) -> Result<Vec<Subscription>, TransportError> {
-    topology::declare_exchanges(broker.publisher()).await?;
+    topology::declare_exchanges(broker).await?;
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
     let mut subscriptions = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
-        topology::declare_pool(broker.publisher(), pool).await?;
+        topology::declare_pool(broker, pool).await?;
         subscriptions.push(broker.subscribe(&pool_queue(pool), prefetch).await?);
     }
     Ok(subscriptions)
