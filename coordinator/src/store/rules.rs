@@ -1,25 +1,35 @@
 //! Decisions every state store backend shares: which jobs and events a change
 //! queues, whether a claim is granted, what a part path must be, how the
-//! manifest is assembled and how failures are worded.
+//! manifest is assembled, how failures are worded, and how the reports that
+//! only move an operation's stored figures (manifest written, verify
+//! progress, operation failed...) change them.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use tracing::warn;
+
 use koan_protocol::archive::{
     FORMAT_VERSION, KeyRange, Manifest, ManifestChunk, ManifestEntity, PartInfo, SnapshotFacts,
-    Totals, part_path,
+    Totals, manifest_path, part_path,
 };
 use koan_protocol::codec::Message;
-use koan_protocol::events::{ClaimChunk, OperationEvent, WorkerEvent};
-use koan_protocol::jobs::{ExportChunk, Job, PlanEntity};
+use koan_protocol::commands::RestoreMode;
+use koan_protocol::events::{
+    ClaimChunk, FinalizeFailed, ManifestWritten, OperationEvent, OperationFailed, VerifyDone,
+    VerifyProgress, WorkerEvent,
+};
+use koan_protocol::jobs::{ExportChunk, Finalize, Job, PlanEntity};
 use koan_protocol::plan::{BackupPlan, Consistency, EntitySpec};
 use koan_protocol::progress::{OperationState, ProgressReport};
 use koan_protocol::topology::{EVENTS_EXCHANGE, JOBS_EXCHANGE, operation_event_key};
 
 use crate::error::CoordinatorError;
-use crate::store::OperationRole;
+use crate::progress::{self, Counters};
+use crate::store::restore_rules::{operation_failure, verify_failure};
+use crate::store::{Applied, OperationRecord, OperationRole};
 
 /// Most chunks one entity may be planned into.
 pub const MAX_CHUNKS_PER_ENTITY: usize = 1_000_000;
@@ -402,6 +412,218 @@ pub fn chunk_failure(entity: &str, chunk: u32, code: &str, error: &str) -> Strin
     format!("entity '{entity}' chunk {chunk}: {error} ({code})")
 }
 
+/// Parses a stored restore mode.
+pub fn parse_mode(name: &str) -> Option<RestoreMode> {
+    [
+        RestoreMode::Merge,
+        RestoreMode::Overwrite,
+        RestoreMode::SkipExisting,
+        RestoreMode::Replace,
+    ]
+    .into_iter()
+    .find(|mode| mode.as_str() == name)
+}
+
+/// Parses a stored consistency mode.
+pub fn parse_consistency(name: &str) -> Option<Consistency> {
+    [Consistency::Snapshot, Consistency::PerChunk]
+        .into_iter()
+        .find(|mode| mode.as_str() == name)
+}
+
+/// `value` moved by a signed `delta`, saturating at 0 and `u64::MAX`.
+pub fn shifted(value: u64, delta: i64) -> u64 {
+    match u64::try_from(delta) {
+        Ok(up) => value.saturating_add(up),
+        Err(_) => value.saturating_sub(delta.unsigned_abs()),
+    }
+}
+
+/// `new - old` as a signed delta, saturating.
+pub fn delta(new: u64, old: u64) -> i64 {
+    let signed = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    signed(new).saturating_sub(signed(old))
+}
+
+/// When a lease granted at `now` ends.
+pub fn lease_until(now: DateTime<Utc>, lease: std::time::Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(lease).unwrap_or_else(|_| chrono::Duration::seconds(60))
+}
+
+/// Moves a changed operation on before it is saved: next percent (never
+/// lower), next sequence, `updated_at`. Returns whether its public event is
+/// due: the state changed since it was read (`read_state`), or the progress
+/// `interval` passed since the last announcement.
+pub fn advance_operation(
+    record: &mut OperationRecord,
+    read_state: OperationState,
+    published_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    interval: std::time::Duration,
+) -> bool {
+    record.percent = progress::next_percent(record.percent, record.state, &Counters::of(record));
+    record.sequence = record.sequence.saturating_add(1);
+    record.updated_at = now;
+    let interval = chrono::Duration::from_std(interval)
+        .unwrap_or_else(|_| chrono::Duration::milliseconds(250));
+    read_state != record.state || published_at.is_none_or(|at| now - at >= interval)
+}
+
+/// Fails the operation with `error` (its `failed` event goes out on save).
+pub fn fail(record: &mut OperationRecord, error: String) {
+    record.state = OperationState::Failed;
+    record.error = Some(error);
+}
+
+/// Counts a newly planned entity of `chunks` chunks and `rows_total` rows; the
+/// backup runs once every entity is planned.
+pub fn count_planned_entity(
+    record: &mut OperationRecord,
+    rows_total: u64,
+    chunks: u64,
+    now: DateTime<Utc>,
+) {
+    record.entities_planned += 1;
+    record.rows_total = record.rows_total.saturating_add(rows_total);
+    record.chunks_total = record.chunks_total.saturating_add(chunks);
+    record.running_since.get_or_insert(now);
+    if record.entities_planned >= record.entities_total && record.state == OperationState::Planning
+    {
+        record.state = OperationState::Running;
+    }
+}
+
+/// Whether a backup is ready to finalize: every entity planned, every chunk
+/// done, and still planning or running.
+pub fn ready_to_finalize(record: &OperationRecord) -> bool {
+    record.entities_planned >= record.entities_total
+        && record.chunks_done >= record.chunks_total
+        && matches!(
+            record.state,
+            OperationState::Planning | OperationState::Running
+        )
+}
+
+/// The `finalize` job of a backup whose chunks are all done: the manifest
+/// assembled from the accepted parts, to the first entity's pool.
+pub fn finalize_job(
+    operation_id: Uuid,
+    facts: BackupFacts,
+    entities: Vec<StoredEntity>,
+) -> Result<QueuedMessage, CoordinatorError> {
+    let path = manifest_path(&facts.plan, facts.backup_id)?;
+    let pool = facts
+        .plan
+        .entity_specs()
+        .into_iter()
+        .next()
+        .map(|spec| spec.pool)
+        .ok_or_else(|| CoordinatorError::corrupt("plan", "no entities"))?;
+    let manifest = assemble_manifest(facts, entities);
+    let job = Job::Finalize(Finalize {
+        operation_id,
+        path,
+        manifest,
+    });
+    QueuedMessage::job(&pool, &job)
+}
+
+/// The manifest is written: the backup is complete (only from `finalizing`).
+pub fn manifest_written(record: &mut OperationRecord, written: &ManifestWritten) -> Applied {
+    if record.state != OperationState::Finalizing {
+        warn!(
+            operation_id = %record.id,
+            state = record.state.as_str(),
+            "manifest_written for an operation that is not finalizing ignored"
+        );
+        return Applied::Unchanged("operation is not finalizing");
+    }
+    record.state = OperationState::Completed;
+    record.manifest = Some(written.path.clone());
+    Applied::Changed
+}
+
+/// Writing the manifest failed: a retryable failure is retried by the
+/// worker; any other fails the operation.
+pub fn finalize_failed(record: &mut OperationRecord, failed: &FinalizeFailed) -> Applied {
+    if record.state != OperationState::Finalizing {
+        return Applied::Unchanged("operation is not finalizing");
+    }
+    if failed.retryable {
+        warn!(operation_id = %record.id, code = %failed.code, error = %failed.error, "manifest write failed, worker retries");
+        return Applied::Unchanged("worker retries the manifest");
+    }
+    fail(
+        record,
+        format!(
+            "writing the manifest failed ({}): {}",
+            failed.code, failed.error
+        ),
+    );
+    Applied::Changed
+}
+
+/// A restore, replay or verify failed as a whole (ignored for backups).
+pub fn operation_failed(record: &mut OperationRecord, failed: &OperationFailed) -> Applied {
+    if record.role == OperationRole::Backup {
+        warn!(operation_id = %record.id, code = %failed.code, error = %failed.error,
+            "operation_failed for a backup ignored");
+        return Applied::Unchanged("operation_failed is not a backup report");
+    }
+    fail(record, operation_failure(&failed.code, &failed.error));
+    Applied::Changed
+}
+
+/// A verify's parts and rows checked so far; figures only grow (a late copy changes nothing).
+pub fn verify_progress(
+    record: &mut OperationRecord,
+    report: &VerifyProgress,
+    now: DateTime<Utc>,
+) -> Applied {
+    let before = (
+        record.state,
+        record.chunks_done,
+        record.chunks_total,
+        record.rows_durable,
+        record.rows_total,
+    );
+    record.chunks_total = record.chunks_total.max(report.parts_total);
+    record.chunks_done = record.chunks_done.max(report.parts_done);
+    record.parts_done = record.chunks_done;
+    record.rows_total = record.rows_total.max(report.rows_total);
+    record.rows_durable = record.rows_durable.max(report.rows_done);
+    record.state = OperationState::Running;
+    record.running_since.get_or_insert(now);
+    let after = (
+        record.state,
+        record.chunks_done,
+        record.chunks_total,
+        record.rows_durable,
+        record.rows_total,
+    );
+    if before == after {
+        return Applied::Unchanged("no new verify progress");
+    }
+    Applied::Changed
+}
+
+/// A verify's verdict: whole (completed), or failed naming each bad or missing part.
+pub fn verify_done(record: &mut OperationRecord, report: &VerifyDone) -> Applied {
+    record.chunks_total = record.chunks_total.max(report.parts_checked);
+    record.chunks_done = record.chunks_done.max(report.parts_checked);
+    record.parts_done = record.chunks_done;
+    record.rows_total = record.rows_total.max(report.rows);
+    record.rows_durable = record.rows_durable.max(report.rows);
+    if report.problems.is_empty() {
+        record.state = OperationState::Completed;
+        return Applied::Changed;
+    }
+    let error = verify_failure(&report.problems, record.chunks_total);
+    record.problems = report.problems.clone();
+    fail(record, error);
+    Applied::Changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,5 +721,204 @@ mod tests {
         assert!(jobs.iter().all(|job| job.kind == "plan_entity"));
         let decoded: Job = koan_protocol::decode(&jobs[0].payload).unwrap();
         assert!(matches!(decoded, Job::PlanEntity(job) if job.entity.name == "a"));
+    }
+
+    fn record(state: OperationState) -> OperationRecord {
+        OperationRecord {
+            id: Uuid::nil(),
+            role: OperationRole::Verify,
+            state,
+            plan_id: "p".into(),
+            backup_id: None,
+            consistency: Consistency::Snapshot,
+            labels: BTreeMap::new(),
+            description: None,
+            percent: 0.0,
+            entities_total: 0,
+            entities_planned: 0,
+            rows_total: 0,
+            rows_durable: 0,
+            rows_pending: 0,
+            bytes_raw: 0,
+            bytes_raw_pending: 0,
+            bytes_compressed: 0,
+            parts_done: 0,
+            chunks_total: 0,
+            chunks_done: 0,
+            manifest: None,
+            error: None,
+            sequence: 0,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            updated_at: DateTime::<Utc>::UNIX_EPOCH,
+            running_since: None,
+            mode: None,
+            source_operation: None,
+            target_scope: None,
+            pool: None,
+            rows_written: 0,
+            rows_skipped: 0,
+            rows_failed: 0,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stored_names_and_deltas() {
+        for mode in [RestoreMode::Merge, RestoreMode::Replace] {
+            assert_eq!(parse_mode(mode.as_str()), Some(mode));
+        }
+        assert_eq!(parse_consistency("per-chunk"), Some(Consistency::PerChunk));
+        assert_eq!(parse_consistency("serializable"), None);
+        assert_eq!(shifted(10, -15), 0);
+        assert_eq!(shifted(10, 5), 15);
+        assert_eq!(shifted(u64::MAX, 1), u64::MAX);
+        assert_eq!(delta(3, 10), -7);
+        assert_eq!(delta(u64::MAX, 0), i64::MAX);
+    }
+
+    #[test]
+    fn events_are_due_on_state_changes_or_after_the_interval() {
+        let now = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::hours(1);
+        let interval = std::time::Duration::from_secs(60);
+        let mut running = record(OperationState::Running);
+        running.rows_total = 100;
+        running.rows_durable = 50;
+        let recent = Some(now - chrono::Duration::seconds(10));
+        assert!(!advance_operation(
+            &mut running,
+            OperationState::Running,
+            recent,
+            now,
+            interval
+        ));
+        assert_eq!((running.sequence, running.percent), (1, 49.5));
+        assert_eq!(running.updated_at, now);
+        let long_ago = Some(now - chrono::Duration::seconds(60));
+        assert!(advance_operation(
+            &mut running,
+            OperationState::Running,
+            long_ago,
+            now,
+            interval
+        ));
+        assert!(advance_operation(
+            &mut running,
+            OperationState::Planning,
+            recent,
+            now,
+            interval
+        ));
+        // Percent never goes back when rows streamed are lost.
+        running.rows_durable = 10;
+        advance_operation(&mut running, OperationState::Running, None, now, interval);
+        assert_eq!((running.sequence, running.percent), (4, 49.5));
+    }
+
+    #[test]
+    fn verify_figures_only_grow() {
+        let now = DateTime::<Utc>::UNIX_EPOCH;
+        let mut verify = record(OperationState::Planning);
+        let progress = VerifyProgress {
+            operation_id: Uuid::nil(),
+            parts_done: 2,
+            parts_total: 6,
+            rows_done: 100,
+            rows_total: 300,
+        };
+        assert_eq!(
+            verify_progress(&mut verify, &progress, now),
+            Applied::Changed
+        );
+        assert_eq!(verify.state, OperationState::Running);
+        assert!(matches!(
+            verify_progress(&mut verify, &progress, now),
+            Applied::Unchanged(_)
+        ));
+        let late = VerifyProgress {
+            parts_done: 1,
+            rows_done: 50,
+            ..progress
+        };
+        assert!(matches!(
+            verify_progress(&mut verify, &late, now),
+            Applied::Unchanged(_)
+        ));
+        assert_eq!((verify.chunks_done, verify.rows_durable), (2, 100));
+        let done = VerifyDone {
+            operation_id: Uuid::nil(),
+            parts_checked: 6,
+            rows: 300,
+            problems: vec!["part a: hash".into()],
+        };
+        assert_eq!(verify_done(&mut verify, &done), Applied::Changed);
+        assert_eq!(verify.state, OperationState::Failed);
+        assert_eq!(
+            verify.error.as_deref(),
+            Some("1 of 6 parts are bad: part a: hash")
+        );
+    }
+
+    #[test]
+    fn the_manifest_completes_only_a_finalizing_backup() {
+        let written = ManifestWritten {
+            operation_id: Uuid::nil(),
+            path: "m.json".into(),
+            totals: Totals::default(),
+        };
+        let mut running = record(OperationState::Running);
+        assert!(matches!(
+            manifest_written(&mut running, &written),
+            Applied::Unchanged(_)
+        ));
+        let mut finalizing = record(OperationState::Finalizing);
+        assert_eq!(
+            manifest_written(&mut finalizing, &written),
+            Applied::Changed
+        );
+        assert_eq!(finalizing.state, OperationState::Completed);
+        assert_eq!(finalizing.manifest.as_deref(), Some("m.json"));
+        let retry = FinalizeFailed {
+            operation_id: Uuid::nil(),
+            code: "storage".into(),
+            error: "slow down".into(),
+            retryable: true,
+        };
+        let mut finalizing = record(OperationState::Finalizing);
+        assert!(matches!(
+            finalize_failed(&mut finalizing, &retry),
+            Applied::Unchanged(_)
+        ));
+        let fatal = FinalizeFailed {
+            retryable: false,
+            ..retry
+        };
+        assert_eq!(finalize_failed(&mut finalizing, &fatal), Applied::Changed);
+        assert_eq!(finalizing.state, OperationState::Failed);
+    }
+
+    #[test]
+    fn the_finalize_job_goes_to_the_first_entity_pool() {
+        let plan = BackupPlan::new("p")
+            .entity(BackupEntity::new("a", "A").pool("big"))
+            .entity(BackupEntity::new("b", "B"));
+        let backup_id = Uuid::now_v7();
+        let facts = BackupFacts {
+            backup_id,
+            plan: plan.clone(),
+            labels: BTreeMap::new(),
+            started_at: DateTime::<Utc>::UNIX_EPOCH,
+            completed_at: DateTime::<Utc>::UNIX_EPOCH,
+            notes: vec!["resumed".into()],
+        };
+        let message = finalize_job(backup_id, facts, Vec::new()).unwrap();
+        assert_eq!(
+            (message.routing_key.as_str(), message.kind.as_str()),
+            ("big", "finalize")
+        );
+        let Job::Finalize(job) = koan_protocol::decode(&message.payload).unwrap() else {
+            panic!("not a finalize job");
+        };
+        assert_eq!(job.path, manifest_path(&plan, backup_id).unwrap());
+        assert_eq!(job.manifest.consistency.notes, ["resumed"]);
     }
 }
