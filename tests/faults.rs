@@ -101,11 +101,31 @@ async fn a_worker_killed_mid_chunk_resumes_after_its_durable_parts() {
     let (mut sandbox, pg) = setup(SMALL_PARTS).await;
     let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
 
-    // Find a chunk that is running with at least one durable part, on a worker
-    // other than the snapshot holder (losing the holder is its own scenario),
-    // and kill that worker.
+    let (victim, chunk, durable, _) = durable_chunk_off_holder(&sandbox, &pg, operation_id).await;
+    sandbox.signal(&victim, "KILL");
+    sandbox.forget(&victim);
+
+    let manifest = assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+    let parts = manifest_parts(&manifest, chunk);
+    for path in &durable {
+        assert!(
+            parts.contains(path),
+            "durable part {path} was rewritten: {parts:?}"
+        );
+    }
+    sandbox.assert_alive();
+}
+
+/// Waits for a chunk running with at least one durable part on a worker other
+/// than the snapshot holder (losing the holder is its own scenario); returns
+/// that worker, the chunk, the paths of its durable parts and the run.
+async fn durable_chunk_off_holder(
+    sandbox: &Sandbox,
+    pg: &tokio_postgres::Client,
+    operation_id: Uuid,
+) -> (String, i32, Vec<String>, String) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let (victim, chunk, durable) = loop {
+    loop {
         assert!(
             Instant::now() < deadline,
             "never saw a running chunk with a durable part\n{}",
@@ -113,45 +133,101 @@ async fn a_worker_killed_mid_chunk_resumes_after_its_durable_parts() {
         );
         let row = pg
             .query_opt(
-                "SELECT c.worker, c.chunk, array_agg(p.path ORDER BY p.part)
+                "SELECT c.worker, c.chunk, array_agg(p.path ORDER BY p.part), c.owner_run
                    FROM koan.chunks c JOIN koan.parts p USING (operation_id, entity, chunk)
                    JOIN koan.entities e ON e.operation_id = c.operation_id AND e.name = c.entity
                   WHERE c.operation_id = $1 AND c.state = 'running' AND p.run = c.owner_run
                     AND c.worker IS DISTINCT FROM e.snapshot->>'holder'
-                  GROUP BY c.worker, c.chunk LIMIT 1",
+                  GROUP BY c.worker, c.chunk, c.owner_run LIMIT 1",
                 &[&operation_id],
             )
             .await
             .ok()
             .flatten();
         if let Some(row) = row {
-            break (
-                row.get::<_, String>(0),
-                row.get::<_, i32>(1),
-                row.get::<_, Vec<String>>(2),
-            );
+            return (row.get(0), row.get(1), row.get(2), row.get(3));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    sandbox.signal(&victim, "KILL");
-    sandbox.forget(&victim);
+    }
+}
 
-    let manifest = assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
-    let parts: Vec<&str> = manifest.entities[0]
+/// The paths of every part of `chunk` in the manifest.
+fn manifest_parts(manifest: &koan_protocol::archive::Manifest, chunk: i32) -> Vec<String> {
+    manifest.entities[0]
         .chunks
         .iter()
         .find(|c| c.chunk == chunk as u32)
         .expect("the chunk")
         .parts
         .iter()
-        .map(|part| part.path.as_str())
-        .collect();
-    for path in &durable {
+        .map(|part| part.path.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_worker_hands_its_chunk_back_at_a_part_boundary() {
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
+    let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
+    let (victim, chunk, _, run) = durable_chunk_off_holder(&sandbox, &pg, operation_id).await;
+    sandbox.signal(&victim, "TERM");
+    let status = sandbox.wait_exit(&victim, Duration::from_secs(35));
+    assert!(status.success(), "{victim} exited with {status}");
+    let log = std::fs::read_to_string(sandbox.work_dir.join(format!("{victim}.log")))
+        .expect("the worker's log");
+    assert!(
+        log.contains("chunk handed back at a part boundary"),
+        "{victim} did not hand its chunk back:\n{log}"
+    );
+    // Every part the stopped run made durable, the sealed one included.
+    let handed_back: Vec<String> = pg
+        .query_one(
+            "SELECT coalesce(array_agg(path ORDER BY part), '{}')
+               FROM koan.parts WHERE operation_id = $1 AND chunk = $2 AND run = $3",
+            &[&operation_id, &chunk, &run],
+        )
+        .await
+        .expect("parts")
+        .get(0);
+    assert!(!handed_back.is_empty());
+
+    let manifest = assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
+    let parts = manifest_parts(&manifest, chunk);
+    for path in &handed_back {
         assert!(
-            parts.contains(&path.as_str()),
-            "durable part {path} was rewritten: {parts:?}"
+            parts.contains(path),
+            "part {path} of the stopped run was rewritten: {parts:?}"
         );
     }
+    let failures: i32 = pg
+        .query_one(
+            "SELECT failures FROM koan.chunks WHERE operation_id = $1 AND chunk = $2",
+            &[&operation_id, &chunk],
+        )
+        .await
+        .expect("chunk")
+        .get(0);
+    assert_eq!(failures, 0, "a hand-back is not a failed run");
+    sandbox.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_coordinator_stops_cleanly_and_another_completes_the_backup() {
+    let (mut sandbox, pg) = setup(SMALL_PARTS).await;
+    let (operation_id, mut follower) = start_backup(&sandbox, 50_000).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while percent(&pg, operation_id).await < 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never reached 20 %\n{}",
+            sandbox.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sandbox.signal("coordinator", "TERM");
+    let status = sandbox.wait_exit("coordinator", Duration::from_secs(15));
+    assert!(status.success(), "the coordinator exited with {status}");
+    sandbox.start_coordinator("coordinator-2", SMALL_PARTS);
+    assert_complete_and_exact(&sandbox, &pg, &mut follower).await;
     sandbox.assert_alive();
 }
 

@@ -19,18 +19,22 @@
 //!   on `reply_to`; [`SourceCatalog`] checks plans against the source's catalog;
 //!   [`commands::restores`]: `start_restore`, `verify`, `diagnostics`, `replay`.
 //! - [`reports`]: [`Reports`], worker reports and chunk claims applied to the state store.
+//! - [`dead_letters`]: [`DeadLetters`], jobs dead-lettered after their delivery
+//!   limit fail the unit they stood for (and so their operation).
 //! - [`broker`]: queues consumed in order and acked after commit and reply;
 //!   the outbox drainer publishing queued jobs and events with confirms.
 //! - [`progress`]: percent, ETA, continuation token and the progress report (pure).
 //! - [`store`]: the backend-neutral [`StateStore`] trait, the rules every
 //!   backend shares (backups in `rules`, restores, replays and verifies in
-//!   `restore_rules`), and [`PgStateStore`] (PostgreSQL, migrations in `.sql` files).
+//!   `restore_rules`), [`PgStateStore`] (PostgreSQL, migrations in `.sql` files)
+//!   and [`SqliteStateStore`] (one SQLite file, for the embedded single-node mode).
 
 #![warn(missing_docs)]
 
 pub mod broker;
 pub mod commands;
 pub mod config;
+pub mod dead_letters;
 pub mod error;
 pub mod plans;
 pub mod progress;
@@ -40,8 +44,9 @@ pub mod store;
 
 pub use commands::{Commands, SourceCatalog};
 pub use config::Config;
+pub use dead_letters::DeadLetters;
 pub use error::CoordinatorError;
 pub use plans::PlanRegistry;
 pub use reports::Reports;
 pub use service::{run, run_with_store};
-pub use store::{PgStateStore, Policy, StateStore};
+pub use store::{PgStateStore, Policy, SqliteStateStore, StateStore};

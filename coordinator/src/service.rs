@@ -1,7 +1,8 @@
 //! The coordinator service: state store, plans, broker sessions, consumers,
 //! outbox drainer and lease keeping, until shutdown.
 //!
-//! A broker session consumes `koan.commands` and `koan.coordinator` and
+//! A broker session consumes `koan.commands`, `koan.coordinator` and
+//! `koan.coordinator.dead` and
 //! drains the outbox; when the connection drops the session ends and a new
 //! one starts after a backoff. Lease expiry and held-back progress events are
 //! handled beside the sessions: they only touch the state store.
@@ -15,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use koan_protocol::plan::DEFAULT_POOL;
-use koan_protocol::topology::{COMMANDS_QUEUE, COORDINATOR_QUEUE};
+use koan_protocol::topology::{COMMANDS_QUEUE, COORDINATOR_DEAD_QUEUE, COORDINATOR_QUEUE};
 use koan_transport::{Broker, topology};
 
 use crate::broker::{BrokerSink, consume, drain_loop, drain_now};
 use crate::commands::{Commands, SourceCatalog};
 use crate::config::Config;
+use crate::dead_letters::DeadLetters;
 use crate::error::CoordinatorError;
 use crate::plans::PlanRegistry;
 use crate::reports::Reports;
@@ -30,6 +32,8 @@ use crate::store::{PgStateStore, StateStore};
 pub const COMMANDS_PREFETCH: u16 = 32;
 /// Unacked worker reports per coordinator.
 pub const REPORTS_PREFETCH: u16 = 64;
+/// Unacked dead-lettered messages per coordinator.
+pub const DEAD_PREFETCH: u16 = 16;
 /// How long the first broker connection may take before `run` gives up.
 pub const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often held-back progress events are flushed.
@@ -79,6 +83,7 @@ pub async fn run_with_store<S: StateStore>(
     let coordinator = Coordinator {
         commands: Commands::new(Arc::clone(&store), Arc::new(plans), catalog),
         reports: Reports::new(Arc::clone(&store)),
+        dead_letters: DeadLetters::new(Arc::clone(&store)),
         store,
         wake: Notify::new(),
     };
@@ -94,6 +99,7 @@ struct Coordinator<S> {
     store: Arc<S>,
     commands: Commands<S>,
     reports: Reports<S>,
+    dead_letters: DeadLetters<S>,
     wake: Notify,
 }
 
@@ -147,13 +153,13 @@ impl<S: StateStore> Coordinator<S> {
         broker: &Broker,
         shutdown: &CancellationToken,
     ) -> Result<(), CoordinatorError> {
-        topology::declare_coordinator(broker.publisher()).await?;
-        topology::declare_pool(broker.publisher(), DEFAULT_POOL).await?;
+        topology::declare_coordinator(broker).await?;
+        topology::declare_pool(broker, DEFAULT_POOL).await?;
         let sink = BrokerSink::new(broker);
         sink.declared(DEFAULT_POOL);
         let stop = shutdown.child_token();
         let store = self.store.as_ref();
-        let (commands, reports, drainer) = tokio::join!(
+        let (commands, reports, dead, drainer) = tokio::join!(
             cancel_on_error(
                 consume(
                     broker,
@@ -176,9 +182,20 @@ impl<S: StateStore> Coordinator<S> {
                 ),
                 &stop
             ),
+            cancel_on_error(
+                consume(
+                    broker,
+                    COORDINATOR_DEAD_QUEUE,
+                    DEAD_PREFETCH,
+                    &self.dead_letters,
+                    &stop,
+                    &self.wake
+                ),
+                &stop
+            ),
             cancel_on_error(drain_loop(store, &sink, &self.wake, &stop), &stop),
         );
-        commands.and(reports).and(drainer)?;
+        commands.and(reports).and(dead).and(drainer)?;
         if shutdown.is_cancelled() {
             // Publish what the last messages queued, briefly.
             match tokio::time::timeout(FINAL_DRAIN, drain_now(store, &sink)).await {

@@ -491,12 +491,17 @@ impl Sandbox {
         }
     }
 
+    /// Starts one worker process named `name`, with extra arguments.
+    pub fn spawn_worker(&mut self, name: &str, extra: &[&str]) {
+        let mut args = vec!["worker"];
+        args.extend_from_slice(extra);
+        self.spawn(name, &args);
+    }
+
     /// Starts `count` worker processes named `<prefix>-<i>`, with extra arguments.
     pub fn start_named_workers(&mut self, prefix: &str, count: usize, extra: &[&str]) {
         for index in 0..count {
-            let mut args = vec!["worker"];
-            args.extend_from_slice(extra);
-            self.spawn(&format!("{prefix}-{index}"), &args);
+            self.spawn_worker(&format!("{prefix}-{index}"), extra);
         }
     }
 }

@@ -54,6 +54,10 @@ pub struct Config {
     /// How long in-flight jobs get to stop at shutdown.
     #[serde(default = "default_grace_seconds")]
     pub grace_seconds: u64,
+    /// RabbitMQ's `consumer_timeout` in seconds: a running export hands its
+    /// job back at a part boundary after half of it (see `design.md`).
+    #[serde(default = "default_consumer_timeout_seconds")]
+    pub consumer_timeout_seconds: u64,
 }
 
 fn default_amqp_url() -> String {
@@ -86,6 +90,10 @@ fn default_claim_timeout_seconds() -> u64 {
 
 fn default_grace_seconds() -> u64 {
     30
+}
+
+fn default_consumer_timeout_seconds() -> u64 {
+    30 * 60
 }
 
 /// `hostname-pid-random`, reduced to the characters a name may hold.
@@ -128,13 +136,15 @@ impl Config {
             snapshot_hold_max_seconds: default_snapshot_hold_max_seconds(),
             claim_timeout_seconds: default_claim_timeout_seconds(),
             grace_seconds: default_grace_seconds(),
+            consumer_timeout_seconds: default_consumer_timeout_seconds(),
         }
     }
 
     /// Applies `KOAN_AMQP_URL`, `KOAN_SOURCE_URL`, `KOAN_STORAGE_URL`,
     /// `KOAN_POOLS` (comma separated), `KOAN_CONCURRENCY`, `KOAN_WORKER_ID`,
     /// `KOAN_PART_BYTES_MAX`, `KOAN_SNAPSHOT_HOLD_MAX_SECONDS`,
-    /// `KOAN_CLAIM_TIMEOUT_SECONDS` and `KOAN_GRACE_SECONDS` from `lookup`
+    /// `KOAN_CLAIM_TIMEOUT_SECONDS`, `KOAN_GRACE_SECONDS` and
+    /// `KOAN_CONSUMER_TIMEOUT_SECONDS` from `lookup`
     /// (usually `|name| std::env::var(name).ok()`).
     pub fn apply_env(
         &mut self,
@@ -193,6 +203,9 @@ impl Config {
         }
         if let Some(value) = number("KOAN_GRACE_SECONDS", "grace_seconds")? {
             self.grace_seconds = value;
+        }
+        if let Some(value) = number("KOAN_CONSUMER_TIMEOUT_SECONDS", "consumer_timeout_seconds")? {
+            self.consumer_timeout_seconds = value;
         }
         Ok(())
     }
@@ -253,6 +266,15 @@ impl Config {
                 return bad(field, "must be at least 1".to_string());
             }
         }
+        if self.consumer_timeout_seconds < 2 {
+            return bad(
+                "consumer_timeout_seconds",
+                format!(
+                    "must be at least 2 (RabbitMQ's consumer_timeout in seconds), got {}",
+                    self.consumer_timeout_seconds
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -269,6 +291,12 @@ impl Config {
     /// [`Config::grace_seconds`] as a duration.
     pub fn grace(&self) -> Duration {
         Duration::from_secs(self.grace_seconds)
+    }
+
+    /// How long an export may hold its delivery before handing the job back:
+    /// half of [`Config::consumer_timeout_seconds`].
+    pub fn hand_back_after(&self) -> Duration {
+        Duration::from_secs(self.consumer_timeout_seconds) / 2
     }
 }
 

@@ -17,7 +17,7 @@ use koan_transport::{Broker, Incoming, Subscription};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::error::WorkerError;
@@ -92,6 +92,7 @@ pub(crate) async fn handle_delivery(
         operation_id = %job.operation_id(),
         delivery_count = incoming.delivery_count,
     );
+    span.in_scope(|| info!("job started"));
     let result = run_job(&context, &broker, job, incoming.delivery_count)
         .instrument(span.clone())
         .await;
@@ -120,7 +121,11 @@ async fn run_job(
     match job {
         Job::PlanEntity(job) => plan_and_hold(context, broker, &events, &job, delivery_count).await,
         Job::ExportChunk(job) => {
-            let guard = context.halts.register(job.operation_id, &context.shutdown);
+            // Shutdown does not stop an export outright: it hands the job back
+            // after sealing the open part, so only a pause or cancel halts it.
+            let guard = context
+                .halts
+                .register(job.operation_id, &CancellationToken::new());
             export_chunk_until(
                 &context.source,
                 &context.storage,
@@ -130,6 +135,7 @@ async fn run_job(
                 delivery_count,
                 guard.token(),
                 Some(&guard),
+                &context.shutdown,
             )
             .await
         }
@@ -337,7 +343,7 @@ pub(crate) async fn follow_halts(halts: Halts, mut subscription: Subscription) {
         if let Some(operation_id) = operation_of(&incoming.routing_key) {
             let stopped = halts.halt(operation_id);
             if stopped > 0 {
-                tracing::info!(%operation_id, event = %incoming.routing_key, stopped, "stopping the jobs of a paused or cancelled operation");
+                info!(%operation_id, event = %incoming.routing_key, stopped, "stopping the jobs of a paused or cancelled operation");
             }
         }
         if let Err(error) = incoming.ack().await {

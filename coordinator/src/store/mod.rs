@@ -22,11 +22,14 @@ use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
 use crate::config::Config;
 use crate::error::CoordinatorError;
 
+pub mod dead_jobs;
 pub mod pg;
 pub mod restore_rules;
 pub mod rules;
+pub mod sqlite;
 
 pub use pg::PgStateStore;
+pub use sqlite::SqliteStateStore;
 
 /// Retries of one chunk (failed runs or expired leases) before its operation fails.
 pub const DEFAULT_MAX_CHUNK_ATTEMPTS: u32 = koan_protocol::topology::JOB_DELIVERY_LIMIT;
@@ -517,6 +520,16 @@ pub trait StateStore: Send + Sync + 'static {
     fn apply(
         &self,
         event: &WorkerEvent,
+    ) -> impl Future<Output = Result<Applied, CoordinatorError>> + Send;
+
+    /// A job dead-lettered after its delivery limit, with why: the unit it
+    /// stood for fails and so does its operation (see [`dead_jobs`]). An
+    /// export chunk fails only while it is still at the job's attempt and not
+    /// finished; a stale job changes nothing.
+    fn fail_dead_job(
+        &self,
+        job: &koan_protocol::jobs::Job,
+        reason: &str,
     ) -> impl Future<Output = Result<Applied, CoordinatorError>> + Send;
 
     /// Decides a chunk claim; a granted claim makes the run the chunk's owner.

@@ -27,6 +27,7 @@ use koan_protocol::topology::{EVENTS_EXCHANGE, JOBS_EXCHANGE};
 use crate::common::Recorder;
 
 pub mod checks;
+pub mod dead_jobs;
 pub mod flows;
 pub mod lifecycle;
 pub mod replays;

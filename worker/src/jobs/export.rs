@@ -9,9 +9,15 @@
 //! 3. At the end of the range: `ChunkDone` with the chunk's part count, then ack.
 //!
 //! Failures abort the open part (it never appears in storage). Retryable ones
-//! are reported and requeued until the last delivery; shutdown stops at the
-//! next row boundary and requeues; a pause or cancel of the operation stops
-//! at the next row boundary and acks (the coordinator re-publishes on resume).
+//! are reported and requeued until the last delivery; a pause or cancel of the
+//! operation stops at the next row boundary and acks (the coordinator
+//! re-publishes on resume).
+//!
+//! **Hand-back.** When the worker shuts down, or the delivery has been held
+//! for `hand_back_after` (half of RabbitMQ's consumer timeout), the export
+//! seals its open part at the current row (a shorter part, reported like any
+//! other) and requeues the job: the next run continues after that part, so
+//! nothing is exported twice and no delivery outlives the consumer timeout.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -38,6 +44,11 @@ enum Streamed {
     Done { parts: u32, rows: u64 },
     /// Stopped at a row boundary (shutdown or lost broker).
     Stopped,
+    /// Stopped after sealing the open part, to give the job back.
+    HandedBack {
+        /// Why: the worker is shutting down, or the delivery is getting old.
+        reason: &'static str,
+    },
 }
 
 /// Rows and bytes streamed since the last durable part, and the gate that
@@ -77,13 +88,16 @@ pub async fn export_chunk<S: ChunkSource, E: Events>(
         delivery_count,
         cancel,
         None,
+        &CancellationToken::new(),
     )
     .await
 }
 
 /// Runs an `export_chunk` job that `halt` stops when its operation is paused
 /// or cancelled: the open part is aborted (never reported) and the job acked,
-/// since the coordinator re-publishes the chunk on resume.
+/// since the coordinator re-publishes the chunk on resume. When `hand_back`
+/// is cancelled (worker shutdown) or the delivery is `hand_back_after` old,
+/// the open part is sealed and the job requeued.
 #[allow(clippy::too_many_arguments)]
 pub async fn export_chunk_until<S: ChunkSource, E: Events>(
     source: &S,
@@ -94,6 +108,7 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
     delivery_count: u32,
     cancel: &CancellationToken,
     halt: Option<&HaltGuard>,
+    hand_back: &CancellationToken,
 ) -> Result<Outcome, WorkerError> {
     let run = ChunkRun {
         job,
@@ -122,6 +137,7 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
         return Ok(Outcome::Ack);
     }
     let started = Instant::now();
+    let hand_back_at = tokio::time::Instant::from_std(started) + settings.hand_back_after;
     let stop = cancel.child_token();
     let done = CancellationToken::new();
     let mut open = None;
@@ -132,7 +148,11 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
                 storage,
                 settings,
                 claim.resume_after.as_ref(),
-                &stop,
+                Stops {
+                    stop: &stop,
+                    hand_back,
+                    hand_back_at,
+                },
                 &mut open,
             )
             .await;
@@ -169,6 +189,11 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
                 "chunk exported"
             );
             Ok(Outcome::Ack)
+        }
+        Ok(Streamed::HandedBack { reason }) => {
+            info!(operation_id = %job.operation_id, entity = %job.entity.name, chunk = job.chunk,
+                run = %run.run, reason, "chunk handed back at a part boundary, requeueing");
+            Ok(Outcome::Requeue)
         }
         Ok(Streamed::Stopped) if halt.is_some_and(HaltGuard::halted) => {
             info!(operation_id = %job.operation_id, entity = %job.entity.name, chunk = job.chunk, "chunk export stopped: the operation is paused or cancelled");
@@ -210,6 +235,24 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
     }
 }
 
+/// What ends a streaming pass early: `stop` at once (the open part is
+/// aborted), `hand_back` or the `hand_back_at` deadline after sealing it.
+struct Stops<'a> {
+    stop: &'a CancellationToken,
+    hand_back: &'a CancellationToken,
+    hand_back_at: tokio::time::Instant,
+}
+
+impl Stops<'_> {
+    /// Resolves with the reason once the job should be handed back.
+    async fn handing_back(&self) -> &'static str {
+        tokio::select! {
+            () = self.hand_back.cancelled() => "worker shutting down",
+            () = tokio::time::sleep_until(self.hand_back_at) => "delivery held for half the consumer timeout",
+        }
+    }
+}
+
 impl<E: Events> ChunkRun<'_, E> {
     async fn stream<S: ChunkSource>(
         &self,
@@ -217,9 +260,12 @@ impl<E: Events> ChunkRun<'_, E> {
         storage: &Storage,
         settings: &JobSettings,
         resume: Option<&ResumePoint>,
-        stop: &CancellationToken,
+        stops: Stops<'_>,
         open: &mut Option<PartWriter>,
     ) -> Result<Streamed, WorkerError> {
+        let stop = stops.stop;
+        let handing_back = stops.handing_back();
+        tokio::pin!(handing_back);
         let job = self.job;
         let mut next_part = resume.map_or(0, |point| point.next_part);
         let mut rows_done = resume.map_or(0, |point| point.rows);
@@ -234,6 +280,12 @@ impl<E: Events> ChunkRun<'_, E> {
             let next = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Ok(Streamed::Stopped),
+                reason = &mut handing_back => {
+                    if let Some(last) = open.take() {
+                        self.seal(last).await?;
+                    }
+                    return Ok(Streamed::HandedBack { reason });
+                }
                 next = rows.next_row() => next?,
             };
             let Some(row) = next else {

@@ -131,6 +131,7 @@ fn settings() -> JobSettings {
         progress_interval: Duration::from_secs(3600),
         snapshot_hold_max: Duration::from_secs(60),
         snapshot_check_interval: Duration::from_secs(60),
+        hand_back_after: Duration::from_secs(900),
     }
 }
 

@@ -65,6 +65,9 @@ pub struct JobSettings {
     pub snapshot_hold_max: Duration,
     /// How often a held snapshot's connection is checked.
     pub snapshot_check_interval: Duration,
+    /// How long an export holds its delivery before it hands the job back at
+    /// a part boundary (half of RabbitMQ's consumer timeout).
+    pub hand_back_after: Duration,
 }
 
 impl JobSettings {
@@ -77,6 +80,7 @@ impl JobSettings {
             progress_interval: Duration::from_secs(1),
             snapshot_hold_max: config.snapshot_hold_max(),
             snapshot_check_interval: Duration::from_secs(30),
+            hand_back_after: config.hand_back_after(),
         }
     }
 }

@@ -113,6 +113,7 @@ async fn checks_keys_lines_and_presence_of_every_part() {
         progress_interval: std::time::Duration::ZERO,
         snapshot_hold_max: std::time::Duration::from_secs(1),
         snapshot_check_interval: std::time::Duration::from_secs(1),
+        hand_back_after: std::time::Duration::from_secs(900),
     };
     let outcome = verify_backup(
         &storage,

@@ -348,7 +348,72 @@ pub(super) async fn failed(
     let failures = chunk.failures.saturating_add(1);
     let max_attempts = db.store.policy().max_chunk_attempts;
     let gave_up = !report.retryable || failures >= max_attempts;
-    let state = if gave_up {
+    let mut error = report.error.clone();
+    if gave_up && report.retryable {
+        error.push_str(&format!(" (gave up after {failures} failed runs)"));
+    }
+    let failure = Failure {
+        entity: &report.entity,
+        chunk: report.chunk,
+        code: &report.code,
+        error: &error,
+        gave_up,
+    };
+    record_failure(db, operation, &chunk, &failure).await?;
+    Ok(Applied::Changed)
+}
+
+/// Fails a chunk for good if it is still at `attempt` and not finished,
+/// whoever owns it (a job dead-lettered at that attempt); otherwise nothing.
+pub(super) async fn fail_at_attempt(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    entity: &str,
+    chunk_no: u32,
+    attempt: u32,
+    code: &str,
+    error: &str,
+) -> Result<Applied, CoordinatorError> {
+    let Some(chunk) = lock_chunk(db, operation.record.id, entity, chunk_no).await? else {
+        return Ok(Applied::Unchanged("unknown chunk"));
+    };
+    if matches!(chunk.state, ChunkState::Done | ChunkState::Failed) {
+        return Ok(Applied::Unchanged("chunk is finished"));
+    }
+    if chunk.attempt != attempt {
+        return Ok(Applied::Unchanged(
+            "a later attempt of the chunk was published",
+        ));
+    }
+    let failure = Failure {
+        entity,
+        chunk: chunk_no,
+        code,
+        error,
+        gave_up: true,
+    };
+    record_failure(db, operation, &chunk, &failure).await?;
+    Ok(Applied::Changed)
+}
+
+/// A chunk run that failed: what, why, and whether the chunk is given up.
+struct Failure<'a> {
+    entity: &'a str,
+    chunk: u32,
+    code: &'a str,
+    error: &'a str,
+    gave_up: bool,
+}
+
+/// Releases the chunk (pending again, or failed when given up), takes its
+/// pending figures back and, when given up, fails the operation naming it.
+async fn record_failure(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    chunk: &ChunkRow,
+    failure: &Failure<'_>,
+) -> Result<(), CoordinatorError> {
+    let state = if failure.gave_up {
         ChunkState::Failed
     } else {
         ChunkState::Pending
@@ -361,11 +426,11 @@ pub(super) async fn failed(
          WHERE operation_id = $1 AND entity = $2 AND chunk = $3",
         &[
             &operation.record.id,
-            &report.entity,
-            &int4(report.chunk),
+            &failure.entity,
+            &int4(failure.chunk),
             &state.as_str(),
-            &int4(failures),
-            &report.error,
+            &int4(chunk.failures.saturating_add(1)),
+            &failure.error,
             &db.now,
         ],
     )
@@ -375,13 +440,12 @@ pub(super) async fn failed(
         bytes_raw_pending: -int(chunk.raw_pending),
         ..Delta::default()
     };
-    apply_delta(db, operation, &report.entity, lost).await?;
-    if gave_up {
-        let mut error = chunk_failure(&report.entity, report.chunk, &report.code, &report.error);
-        if report.retryable {
-            error.push_str(&format!(" (gave up after {failures} failed runs)"));
-        }
-        fail(operation, error);
+    apply_delta(db, operation, failure.entity, lost).await?;
+    if failure.gave_up {
+        fail(
+            operation,
+            chunk_failure(failure.entity, failure.chunk, failure.code, failure.error),
+        );
     }
-    Ok(Applied::Changed)
+    Ok(())
 }

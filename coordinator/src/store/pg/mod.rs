@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use koan_protocol::events::{ChunkClaim, ClaimChunk, WorkerEvent};
+use koan_protocol::jobs::Job;
 use koan_protocol::names::quote_ident;
 use koan_protocol::progress::ProgressReport;
 
@@ -32,6 +33,7 @@ mod apply;
 mod chunks;
 mod claims;
 mod db;
+mod dead_jobs;
 mod diagnostics;
 mod finalize;
 mod imports;
@@ -338,6 +340,10 @@ impl StateStore for PgStateStore {
 
     async fn apply(&self, event: &WorkerEvent) -> Result<Applied, CoordinatorError> {
         apply::apply(self, event).await
+    }
+
+    async fn fail_dead_job(&self, job: &Job, reason: &str) -> Result<Applied, CoordinatorError> {
+        dead_jobs::fail_dead_job(self, job, reason).await
     }
 
     async fn claim_chunk(&self, claim: &ClaimChunk) -> Result<ChunkClaim, CoordinatorError> {
