@@ -417,3 +417,90 @@ async fn an_unreachable_broker_gives_the_job_back() {
     assert_eq!(error.code(), "transport");
     assert_eq!(parts_written(&events).len(), 1);
 }
+
+/// Runs `job` with `hand_back_after` and the `hand_back` token.
+async fn run_handing_back(
+    source: &FakeSource,
+    storage: &Storage,
+    events: &MemoryEvents,
+    job: &ExportChunk,
+    hand_back_after: Duration,
+    hand_back: &CancellationToken,
+) -> Outcome {
+    let settings = JobSettings {
+        hand_back_after,
+        ..settings()
+    };
+    export_chunk_until(
+        source,
+        storage,
+        events,
+        &settings,
+        job,
+        0,
+        &CancellationToken::new(),
+        None,
+        hand_back,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_old_delivery_seals_its_open_part_and_is_handed_back() {
+    let mut source = FakeSource::new(1_000);
+    source.delay = Duration::from_millis(2);
+    let (storage, events, job) = (memory_storage(), MemoryEvents::granting(), job(1 << 30));
+    let outcome = run_handing_back(
+        &source,
+        &storage,
+        &events,
+        &job,
+        Duration::from_millis(300),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Requeue);
+    // One part, sealed early at a row boundary, reported and stored; no
+    // chunk_done and no failure (a hand-back is not a failed run).
+    let parts = parts_written(&events);
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    assert!(parts[0].rows > 0 && (parts[0].rows as usize) < source.rows.len());
+    let stored = keys_in(&storage, &parts[0].path).await;
+    assert_eq!(stored.len() as u64, parts[0].rows);
+    assert_eq!(parts[0].last_key.as_ref(), stored.last());
+    assert!(!events.events().iter().any(|event| matches!(
+        event,
+        WorkerEvent::ChunkDone(_) | WorkerEvent::ChunkFailed(_)
+    )));
+}
+
+#[tokio::test]
+async fn shutdown_hands_the_job_back_after_sealing_the_open_part() {
+    let mut source = FakeSource::new(1_000);
+    source.delay = Duration::from_millis(2);
+    let (storage, events, job) = (memory_storage(), MemoryEvents::granting(), job(1 << 30));
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        trigger.cancel();
+    });
+    let outcome = run_handing_back(
+        &source,
+        &storage,
+        &events,
+        &job,
+        Duration::from_secs(900),
+        &shutdown,
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Requeue);
+    let parts = parts_written(&events);
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    assert_eq!(
+        keys_in(&storage, &parts[0].path).await.len() as u64,
+        parts[0].rows
+    );
+    assert_eq!(stored_paths(&storage).await.len(), 1);
+}
