@@ -13,6 +13,9 @@ use crate::memory::{MemoryBroker, Participant};
 use crate::outgoing::Outgoing;
 use crate::topology::{ExchangeSpec, QueueSpec};
 
+/// The URL scheme of in-process brokers.
+pub const MEMORY_SCHEME: &str = "memory://";
+
 /// A connection to a broker: RabbitMQ ([`Broker::connect`]) or an in-process
 /// broker shared with the other participants of this process ([`Broker::memory`]).
 /// Every other method behaves the same on both.
@@ -31,8 +34,18 @@ pub(crate) enum Backend {
 }
 
 impl Broker {
-    /// Connects to RabbitMQ once; the error names the URL (without its password).
+    /// Connects to RabbitMQ once; the error names the URL (without its
+    /// password). A `memory://<name>` URL attaches to the in-process broker
+    /// registered under that name in this process ([`MemoryBroker::register`]).
     pub async fn connect(url: &str, name: &str) -> Result<Self, TransportError> {
+        if let Some(hub_name) = url.strip_prefix(MEMORY_SCHEME) {
+            let hub = MemoryBroker::registered(hub_name).ok_or_else(|| {
+                TransportError::NoInProcessBroker {
+                    url: url.to_string(),
+                }
+            })?;
+            return Ok(Self::memory(&hub, name));
+        }
         Ok(Self {
             backend: Backend::Amqp(Box::new(AmqpBroker::connect(url, name).await?)),
         })

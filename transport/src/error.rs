@@ -53,6 +53,14 @@ pub enum TransportError {
         /// What failed.
         source: MemoryError,
     },
+    /// A `memory://` URL names no in-process broker of this process.
+    #[error(
+        "no in-process broker at {url}: memory:// URLs work only inside the process running the embedded mode"
+    )]
+    NoInProcessBroker {
+        /// The URL given.
+        url: String,
+    },
     /// An operation that only an AMQP connection offers was asked of an in-process broker.
     #[error("{operation} needs a RabbitMQ connection; {url} is an in-process broker")]
     AmqpOnly {

@@ -33,7 +33,7 @@ pub mod outgoing;
 pub mod rpc;
 pub mod topology;
 
-pub use broker::Broker;
+pub use broker::{Broker, MEMORY_SCHEME};
 pub use error::TransportError;
 pub use incoming::{Incoming, Subscription};
 pub use memory::{MemoryBroker, QueueStats};

@@ -38,7 +38,8 @@ mod queue;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 pub use error::MemoryError;
 
@@ -46,6 +47,13 @@ pub(crate) use consumer::{Acker, Consumer};
 pub(crate) use participant::Participant;
 
 use hub::Hub;
+
+/// The in-process brokers of this process by name, so `memory://<name>` URLs
+/// find them (weak: a broker lives only as long as its handles).
+fn registry() -> &'static Mutex<HashMap<String, Weak<Hub>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Hub>>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
+}
 
 /// Ready messages an in-process queue holds at most, unless configured.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
@@ -81,6 +89,24 @@ impl MemoryBroker {
         Self {
             hub: Arc::new(Hub::new(name, capacity.max(1))),
         }
+    }
+
+    /// Makes this broker reachable as `memory://<name>` from
+    /// [`crate::Broker::connect`] anywhere in this process, for as long as it
+    /// lives. A later registration of the same name replaces this one.
+    pub fn register(&self) {
+        let mut brokers = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        brokers.retain(|_, hub| hub.strong_count() > 0);
+        brokers.insert(self.hub.name.clone(), Arc::downgrade(&self.hub));
+    }
+
+    /// The live broker registered as `name`, if any.
+    pub fn registered(name: &str) -> Option<Self> {
+        let brokers = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        brokers
+            .get(name)
+            .and_then(Weak::upgrade)
+            .map(|hub| Self { hub })
     }
 
     pub(crate) fn hub(&self) -> &Arc<Hub> {

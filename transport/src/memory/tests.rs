@@ -632,3 +632,24 @@ async fn closing_a_broker_wakes_its_waiting_subscriptions() {
         .unwrap_err();
     assert!(error.to_string().contains("closed"), "{error}");
 }
+
+#[tokio::test]
+async fn memory_urls_find_registered_brokers_only_while_they_live() {
+    let hub = MemoryBroker::new("registry-test");
+    assert!(matches!(
+        Broker::connect("memory://registry-test", "early").await,
+        Err(TransportError::NoInProcessBroker { .. })
+    ));
+    hub.register();
+    let attached = Broker::connect("memory://registry-test", "late")
+        .await
+        .expect("attached by url");
+    assert_eq!(attached.url(), "memory://registry-test");
+    topology::declare_coordinator(&attached)
+        .await
+        .expect("declared through the url's broker");
+    assert!(hub.queue_stats(COMMANDS_QUEUE).is_some());
+    drop(attached);
+    drop(hub);
+    assert!(MemoryBroker::registered("registry-test").is_none());
+}
