@@ -37,7 +37,8 @@ pub struct Config {
     /// RabbitMQ URL (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
     #[serde(default = "default_amqp_url")]
     pub amqp_url: String,
-    /// PostgreSQL URL of the state store (required).
+    /// The state store (required): a PostgreSQL URL, or `sqlite://PATH` for
+    /// one SQLite file (the embedded single-node mode).
     pub database_url: String,
     /// Schema holding the coordinator's tables (default `koan`).
     #[serde(default = "default_schema")]
@@ -168,13 +169,25 @@ impl Config {
 
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
-        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+        if !["amqp://", "amqps://", koan_transport::MEMORY_SCHEME]
+            .iter()
+            .any(|scheme| self.amqp_url.starts_with(scheme))
+        {
             return Err(CoordinatorError::config(
                 "amqp_url",
-                "must start with amqp:// or amqps://",
+                "must start with amqp://, amqps:// or (embedded) memory://",
             ));
         }
-        check_postgres_url("database_url", &self.database_url)?;
+        match sqlite_path(&self.database_url) {
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(CoordinatorError::config(
+                    "database_url",
+                    "sqlite:// needs a file path (sqlite:///abs/state.db or sqlite://rel/state.db)",
+                ));
+            }
+            Some(_) => {}
+            None => check_postgres_url("database_url", &self.database_url)?,
+        }
         check_ident("schema", &self.schema)
             .map_err(|error| CoordinatorError::config("schema", error.to_string()))?;
         if let Some(source_url) = &self.source_url {
@@ -225,6 +238,12 @@ fn parse_number<T: std::str::FromStr>(
             format!("'{}' is not a number", value.escape_default()),
         )
     })
+}
+
+/// The state file a `sqlite://` state URL names (`sqlite:///abs/path.db` is
+/// absolute, `sqlite://rel/path.db` relative); `None` for any other URL.
+pub fn sqlite_path(url: &str) -> Option<&std::path::Path> {
+    url.strip_prefix("sqlite://").map(std::path::Path::new)
 }
 
 fn check_postgres_url(field: &'static str, url: &str) -> Result<(), CoordinatorError> {

@@ -21,12 +21,12 @@ use koan_transport::{Broker, topology};
 
 use crate::broker::{BrokerSink, consume, drain_loop, drain_now};
 use crate::commands::{Commands, SourceCatalog};
-use crate::config::Config;
+use crate::config::{Config, sqlite_path};
 use crate::dead_letters::DeadLetters;
 use crate::error::CoordinatorError;
 use crate::plans::PlanRegistry;
 use crate::reports::Reports;
-use crate::store::{PgStateStore, StateStore};
+use crate::store::{PgStateStore, Policy, SqliteStateStore, StateStore};
 
 /// Unacked commands per coordinator.
 pub const COMMANDS_PREFETCH: u16 = 32;
@@ -43,7 +43,8 @@ const REAP_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the last drain on shutdown may take.
 const FINAL_DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs a coordinator on PostgreSQL until `shutdown` is cancelled.
+/// Runs a coordinator until `shutdown` is cancelled, its state in PostgreSQL
+/// or, for a `sqlite://` `database_url`, in one SQLite file (embedded mode).
 ///
 /// Validates `config`, loads the plans, migrates the state store and checks
 /// the source URL before connecting to RabbitMQ; any of those failing is an
@@ -63,6 +64,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Coor
         .transpose()?;
     if let Some(catalog) = &catalog {
         info!(source = %catalog.target(), "plans are checked against the source catalog");
+    }
+    if let Some(path) = sqlite_path(&config.database_url) {
+        let store = Arc::new(SqliteStateStore::open(path, Policy::from_config(&config))?);
+        info!(path = %path.display(), "state store ready (sqlite)");
+        return run_with_store(&config, store, plans, catalog, shutdown).await;
     }
     let store = Arc::new(PgStateStore::from_config(&config).await?);
     info!(schema = %config.schema, "state store ready");

@@ -213,10 +213,13 @@ impl Config {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), WorkerError> {
         let bad = |field: &'static str, reason: String| Err(WorkerError::Config { field, reason });
-        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+        if !["amqp://", "amqps://", koan_transport::MEMORY_SCHEME]
+            .iter()
+            .any(|scheme| self.amqp_url.starts_with(scheme))
+        {
             return bad(
                 "amqp_url",
-                "must start with amqp:// or amqps://".to_string(),
+                "must start with amqp://, amqps:// or (embedded) memory://".to_string(),
             );
         }
         if self.source_url.trim().is_empty() {
