@@ -13,7 +13,9 @@ pub struct AdapterCapabilities {
     pub parallel_range_scans: bool,
     /// Rows stream out and in through a bulk protocol (`COPY`).
     pub bulk_copy: bool,
-    /// Imports land in a staging table and merge in one statement.
+    /// Imports land in a staging table first, and are merged into the target
+    /// in one transaction (PostgreSQL: one set-based statement; SQLite: row by
+    /// row, with the same results).
     pub staged_merge: bool,
     /// Row counts are exact, not estimates.
     pub exact_counts: bool,
@@ -25,6 +27,17 @@ impl AdapterCapabilities {
         shared_snapshot: true,
         parallel_range_scans: true,
         bulk_copy: true,
+        staged_merge: true,
+        exact_counts: true,
+    };
+
+    /// SQLite: no snapshot can be shared across processes (a read transaction
+    /// belongs to one connection), and rows are read with plain statements,
+    /// not a bulk protocol. Several connections read ranges concurrently.
+    pub const SQLITE: Self = Self {
+        shared_snapshot: false,
+        parallel_range_scans: true,
+        bulk_copy: false,
         staged_merge: true,
         exact_counts: true,
     };
@@ -78,6 +91,18 @@ mod tests {
                 .iter()
                 .all(|(_, on)| *on)
         );
+    }
+
+    #[test]
+    fn sqlite_refuses_snapshot_consistency_only() {
+        let error = AdapterCapabilities::SQLITE
+            .check(Consistency::Snapshot)
+            .expect_err("no shared snapshot");
+        assert_eq!(error.code(), "unsupported");
+        assert!(error.to_string().contains("shared_snapshot"), "{error}");
+        AdapterCapabilities::SQLITE
+            .check(Consistency::PerChunk)
+            .expect("per-chunk");
     }
 
     #[test]

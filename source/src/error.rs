@@ -2,7 +2,7 @@
 //!
 //! Messages never contain a password: connection errors name the target as
 //! `host:port/database as user`, built from the parsed configuration, never
-//! from the URL text.
+//! from the URL text. SQLite errors name the database file.
 
 use std::error::Error as _;
 
@@ -170,6 +170,41 @@ pub enum SourceError {
         /// What is wrong.
         reason: String,
     },
+    /// The SQLite database file cannot be opened (missing, unreadable, not a database).
+    #[error("sqlite database {path} cannot be opened: {reason}")]
+    SqliteOpen {
+        /// The database file, as resolved from the URL.
+        path: String,
+        /// What SQLite reported.
+        reason: String,
+    },
+    /// A SQLite statement failed.
+    #[error("{context}: {}", describe_sqlite(.source))]
+    Sqlite {
+        /// What was being done (`export of entity orders`).
+        context: String,
+        /// The driver's error.
+        source: rusqlite::Error,
+    },
+    /// The backend cannot do this at all (a layout, schema or key type it has no
+    /// equivalent for); nothing was read or written.
+    #[error("the {backend} source does not support {what}: {reason}")]
+    NotSupported {
+        /// `sqlite` or `postgresql`.
+        backend: &'static str,
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be done, and what to do instead.
+        reason: String,
+    },
+    /// A blocking task (a SQLite call run off the async runtime) panicked or was cancelled.
+    #[error("{context}: the blocking task failed: {reason}")]
+    TaskFailed {
+        /// What was being done.
+        context: String,
+        /// The panic or cancellation.
+        reason: String,
+    },
 }
 
 impl SourceError {
@@ -194,6 +229,10 @@ impl SourceError {
             Self::Query { source, .. } => query_code(source),
             Self::ImportFailed { .. } => "import_failed",
             Self::Decode { .. } => "decode",
+            Self::SqliteOpen { .. } => "open_failed",
+            Self::Sqlite { source, .. } => sqlite_code(source),
+            Self::NotSupported { .. } => "not_supported",
+            Self::TaskFailed { .. } => "task_failed",
         }
     }
 
@@ -216,6 +255,10 @@ impl SourceError {
                         | "query_canceled"
                 )
             }
+            Self::Sqlite { source, .. } => matches!(
+                sqlite_code(source),
+                "lock_timeout" | "insufficient_resources" | "io_error"
+            ),
             _ => false,
         }
     }
@@ -233,6 +276,73 @@ impl SourceError {
             context: context.into(),
             source,
         }
+    }
+}
+
+/// A failed SQLite call, with what was being done.
+pub(crate) fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> SourceError {
+    SourceError::Sqlite {
+        context: context.into(),
+        source,
+    }
+}
+
+fn sqlite_code(error: &rusqlite::Error) -> &'static str {
+    if let rusqlite::Error::SqlInputError { error, msg, .. } = error {
+        return sqlite_failure_code(error, Some(msg));
+    }
+    let rusqlite::Error::SqliteFailure(failure, message) = error else {
+        return match error {
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::Utf8Error(..)
+            | rusqlite::Error::InvalidColumnType(..) => "data_exception",
+            _ => "query",
+        };
+    };
+    sqlite_failure_code(failure, message.as_deref())
+}
+
+fn sqlite_failure_code(failure: &rusqlite::ffi::Error, message: Option<&str>) -> &'static str {
+    use rusqlite::ErrorCode;
+    match failure.code {
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => "lock_timeout",
+        ErrorCode::OutOfMemory | ErrorCode::DiskFull => "insufficient_resources",
+        ErrorCode::SystemIoFailure => "io_error",
+        ErrorCode::ReadOnly
+        | ErrorCode::PermissionDenied
+        | ErrorCode::AuthorizationForStatementDenied => "permission_denied",
+        ErrorCode::OperationInterrupted => "query_canceled",
+        ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => "corrupt_database",
+        ErrorCode::ConstraintViolation => "constraint_violation",
+        ErrorCode::TooBig | ErrorCode::TypeMismatch => "data_exception",
+        _ => match message {
+            Some(text) if text.starts_with("no such table") => "missing_table",
+            Some(text) if text.starts_with("no such column") => "missing_column",
+            Some(text)
+                if text.contains("malformed JSON") || text.starts_with(DATA_ERROR_PREFIX) =>
+            {
+                "data_exception"
+            }
+            _ => "query",
+        },
+    }
+}
+
+/// Prefix of the errors koan's own SQLite functions raise on bad data (a
+/// document that is not JSON), so they are told apart from statement errors.
+pub(crate) const DATA_ERROR_PREFIX: &str = "koan: invalid data: ";
+
+/// One line describing a SQLite error: its result code and message.
+pub(crate) fn describe_sqlite(error: &rusqlite::Error) -> String {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, Some(message)) => {
+            format!("{message} (sqlite code {})", failure.extended_code)
+        }
+        rusqlite::Error::SqlInputError { error, msg, .. } => {
+            format!("{msg} (sqlite code {})", error.extended_code)
+        }
+        other => other.to_string(),
     }
 }
 

@@ -19,9 +19,10 @@ use koan_protocol::events::RowFailure;
 use tokio_postgres::CopyInSink;
 
 use crate::error::SourceError;
-use crate::postgres::isolate::{Written, sort_failures, write_rows};
+use crate::postgres::isolate::{Written, write_rows};
 use crate::postgres::merge::{IMPORT_COPY, IMPORT_SETUP, MergeSql, RowsFrom, WriteTo};
 use crate::postgres::session::Session;
+use crate::rows::{ImportLine, ImportOutcome, sort_failures};
 
 /// Encoded rows are sent to the server once this many bytes are buffered.
 pub const FLUSH_BYTES: usize = 2 * 1024 * 1024;
@@ -33,34 +34,6 @@ const MAX_FIELD_BYTES: usize = 1024 * 1024 * 1024 - 1;
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// How long [`ImportSession::abort`] waits for `ROLLBACK` before closing the connection.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One archived row, as the worker parsed it from a JSON line.
-#[derive(Debug, Clone, Copy)]
-pub struct ImportLine<'a> {
-    /// Line number in the part, from 1.
-    pub line_no: u64,
-    /// The part's path.
-    pub part: &'a str,
-    /// The key as text: a JSON string's content, or a number's digits.
-    pub key: &'a str,
-    /// The version as JSON text, if the line has one.
-    pub version: Option<&'a str>,
-    /// The document as JSON text.
-    pub doc: &'a str,
-    /// The whole line, kept for diagnostics and replays.
-    pub raw: &'a str,
-}
-
-/// What an import wrote.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ImportOutcome {
-    /// Rows inserted or updated (in `replace` mode: newly staged).
-    pub rows_written: u64,
-    /// Rows left as they were (an existing row not older, a key already staged, a duplicate line).
-    pub rows_skipped: u64,
-    /// Rows that could not be written, isolated from the rest, ordered by part and line.
-    pub failures: Vec<RowFailure>,
-}
 
 /// Where an import's rows go.
 #[derive(Debug, Clone, PartialEq, Eq)]

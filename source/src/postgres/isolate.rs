@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 
 use crate::error::SourceError;
 use crate::postgres::merge::{MergeSql, RowsFrom, WriteTo};
+use crate::rows::sort_failures;
 
 /// Longest failure reason kept (the raw line is kept separately).
 const MAX_REASON: usize = 1000;
@@ -91,11 +92,6 @@ pub(crate) async fn write_rows(
     }
     sort_failures(&mut written.failures);
     Ok(written)
-}
-
-/// Orders failures by part, then line number.
-pub(crate) fn sort_failures(failures: &mut [RowFailure]) {
-    failures.sort_by(|a, b| a.part.cmp(&b.part).then(a.line_no.cmp(&b.line_no)));
 }
 
 /// Errors that belong to rows rather than to the statement: class 22 (data

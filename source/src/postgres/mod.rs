@@ -6,7 +6,7 @@
 //!   the pooled session that is discarded if dropped inside a transaction.
 //! - `catalog`: [`PgSource::inspect`] against `pg_catalog`.
 //! - `sql`: every statement's text, names checked and quoted, literals quoted.
-//! - `ranges`: [`RangePlan`] and the ranking algorithm that picks boundaries.
+//! - `ranges`: the ranking query that picks [`RangePlan`] boundaries.
 //! - `snapshot`: [`SnapshotHolder`], the transaction that keeps a snapshot importable.
 //! - `stream` and `copy`: [`RowStream`] and its binary `COPY` parser.
 //! - `restore`: restores into this database: [`PgSource::prepare_target`],
@@ -44,11 +44,11 @@ use tokio_postgres::Config;
 use crate::capabilities::AdapterCapabilities;
 use crate::error::SourceError;
 
-pub use import::{FLUSH_BYTES, ImportLine, ImportOutcome, ImportSession};
-pub use ranges::{MAX_CHUNK_BYTES, RangePlan, ranges_from_boundaries, rows_per_chunk};
-pub use restore::ApplyOutcome;
+pub use crate::ranges::{MAX_CHUNK_BYTES, RangePlan, ranges_from_boundaries, rows_per_chunk};
+pub use crate::rows::{ApplyOutcome, ExportRow, ImportLine, ImportOutcome};
+pub use import::{FLUSH_BYTES, ImportSession};
 pub use snapshot::SnapshotHolder;
-pub use stream::{ExportRow, RowStream};
+pub use stream::RowStream;
 
 use session::Session;
 use sql::EntitySql;

@@ -6,7 +6,6 @@
 
 use koan_protocol::ProtocolError;
 use koan_protocol::commands::RestoreMode;
-use koan_protocol::events::RowFailure;
 use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::{EntitySpec, KeyType, Layout};
 use tokio_postgres::Client;
@@ -19,21 +18,11 @@ use crate::postgres::import::{Destination, ImportSession};
 use crate::postgres::isolate::{Written, write_rows};
 use crate::postgres::merge::{self, COLUMNS_QUERY, MergeSql, RowsFrom, WriteTo};
 use crate::postgres::session::Session;
+use crate::rows::ApplyOutcome;
 
 /// Why a missing relational table is not created.
 const RELATIONAL_HINT: &str = "a restore cannot create a relational table from an archive \
      (the archive holds rows, not the table's definition); create the table first";
-
-/// What `replace` mode's swap did.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ApplyOutcome {
-    /// Staged rows written into the target.
-    pub rows_written: u64,
-    /// Rows of the scope removed first.
-    pub rows_removed: u64,
-    /// Staged rows that could not be written, isolated from the rest.
-    pub failures: Vec<RowFailure>,
-}
 
 impl PgSource {
     /// Restore target check: returns `entity` with `key_type` resolved against

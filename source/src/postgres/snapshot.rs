@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::error::{SourceError, describe};
-use crate::postgres::ranges::{RangePlan, plan_on};
+use crate::postgres::ranges::plan_on;
 use crate::postgres::session::{SESSION_SETUP, connect_error};
+use crate::ranges::RangePlan;
 
 /// How long a liveness probe may take before the holder counts as dead.
 const ALIVE_TIMEOUT: Duration = Duration::from_secs(5);

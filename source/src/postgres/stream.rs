@@ -8,54 +8,13 @@
 use std::fmt;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use tokio_postgres::CopyOutStream;
 
 use crate::error::SourceError;
 use crate::postgres::copy::CopyParser;
 use crate::postgres::session::Session;
-
-/// One exported row. Each field is the UTF-8 text PostgreSQL produced, a
-/// zero-copy slice of the received data.
-///
-/// The slices keep their receive buffer alive: copy a field (for example the
-/// last key, kept as a continuation position) before holding it long.
-#[derive(Debug, Clone)]
-pub struct ExportRow {
-    /// The key as `key::text`.
-    pub key: Bytes,
-    /// The version as JSON text; `None` when the entity has none or it is NULL.
-    pub version: Option<Bytes>,
-    /// The document as JSON text.
-    pub doc: Bytes,
-}
-
-impl ExportRow {
-    /// The key as a string slice.
-    pub fn key_str(&self) -> Result<&str, SourceError> {
-        std::str::from_utf8(&self.key)
-            .map_err(|error| SourceError::decode(format!("key is not UTF-8: {error}")))
-    }
-
-    fn from_fields(fields: [Option<Bytes>; 3]) -> Result<Self, SourceError> {
-        let [key, version, doc] = fields;
-        let key = key.ok_or_else(|| SourceError::decode("row with a NULL key"))?;
-        let doc = doc.ok_or_else(|| SourceError::decode("row with a NULL document"))?;
-        for (name, field) in [
-            ("key", Some(&key)),
-            ("version", version.as_ref()),
-            ("document", Some(&doc)),
-        ] {
-            if let Some(bytes) = field
-                && let Err(error) = std::str::from_utf8(bytes)
-            {
-                return Err(SourceError::decode(format!("{name} is not UTF-8: {error}")));
-            }
-        }
-        Ok(Self { key, version, doc })
-    }
-}
+use crate::rows::ExportRow;
 
 enum State {
     Streaming,
