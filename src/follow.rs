@@ -1,9 +1,10 @@
 //! Following an operation: a live progress bar on a terminal, plain lines otherwise.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use koan_protocol::events::OperationEvent;
 use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
@@ -14,6 +15,28 @@ use crate::client::Client;
 
 /// How long without any event before the follower asks for the status itself.
 const QUIET_POLL: Duration = Duration::from_secs(15);
+
+/// Whether Ctrl-C pauses the followed operation (embedded mode) instead of
+/// ending the process.
+static PAUSE_ON_INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+/// From now on, Ctrl-C while following pauses the operation: the follow ends
+/// at `paused` and the conclusion prints the continuation token. A second
+/// Ctrl-C gives up waiting.
+pub fn pause_on_interrupt() {
+    PAUSE_ON_INTERRUPT.store(true, Ordering::Relaxed);
+}
+
+/// Resolves on the next Ctrl-C when interrupts pause; never otherwise.
+async fn interrupted() {
+    if PAUSE_ON_INTERRUPT.load(Ordering::Relaxed) {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
 
 /// How a followed operation ended.
 #[derive(Debug)]
@@ -176,8 +199,22 @@ pub async fn follow(
 ) -> Result<Outcome> {
     let mut display = Display::new(json);
     let mut last_sequence = None;
+    let mut pausing = false;
     loop {
-        let report = match tokio::time::timeout(QUIET_POLL, events.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(QUIET_POLL, events.next()) => next,
+            () = interrupted() => {
+                if pausing {
+                    display.finish();
+                    bail!("interrupted again: stopped without waiting for {operation_id} to pause");
+                }
+                pausing = true;
+                eprintln!("interrupted: pausing {operation_id} at the next part boundary (Ctrl-C again to stop waiting)");
+                client.pause(operation_id).await?;
+                continue;
+            }
+        };
+        let report = match next {
             Ok(delivery) => {
                 let delivery = delivery?;
                 delivery.ack().await?;

@@ -7,9 +7,11 @@
 //! - [`follow`]: live progress of one operation.
 //! - [`lifecycle`]: `pause`, `resume` and `cancel`.
 //! - [`services`]: running the coordinator and workers until a signal.
+//! - [`embedded`]: `--embedded`, a whole deployment inside this process.
 //! - [`logging`]: log output (human or JSON).
 
 mod client;
+mod embedded;
 mod follow;
 mod lifecycle;
 mod logging;
@@ -38,6 +40,8 @@ struct Cli {
     /// RabbitMQ URL.
     #[arg(long, global = true, env = "KOAN_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
+    #[command(flatten)]
+    embedded: embedded::EmbeddedArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -226,7 +230,13 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    // In embedded mode the services share this terminal with the progress
+    // display: only their warnings are shown unless RUST_LOG says otherwise.
+    logging::init(if cli.embedded.embedded {
+        "warn"
+    } else {
+        "info,lapin=warn"
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -244,22 +254,56 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
-    match cli.command {
-        Command::Coordinator(args) => services::coordinator(&cli.amqp_url, args).await,
-        Command::Worker(args) => services::worker(&cli.amqp_url, args).await,
-        Command::Backup(args) => backup(&cli.amqp_url, args).await,
-        Command::Restore(args) => restore(&cli.amqp_url, args).await,
-        Command::Verify(args) => verify(&cli.amqp_url, args).await,
-        Command::Diagnostics(args) => diagnostics(&cli.amqp_url, args).await,
-        Command::Pause(args) => lifecycle::pause(&cli.amqp_url, args.operation_id).await,
+    if !cli.embedded.embedded {
+        return run_command(&cli.amqp_url, cli.command, false).await;
+    }
+    if matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
+        bail!(
+            "--embedded runs its own coordinator and workers; it does not apply to `coordinator` or `worker`"
+        );
+    }
+    let settings = embedded::Settings::from_args(&cli.embedded)?;
+    let deployment = embedded::Embedded::start(&settings).await?;
+    follow::pause_on_interrupt();
+    let outcome = run_command(&deployment.amqp_url(), cli.command, true).await;
+    let stopped = deployment.stop().await;
+    let code = outcome?;
+    stopped?;
+    Ok(code)
+}
+
+/// Runs one command against the broker at `amqp_url`. `embedded`: the
+/// services live only as long as this command, so operations are followed
+/// to their end.
+async fn run_command(amqp_url: &str, command: Command, embedded: bool) -> Result<u8> {
+    match command {
+        Command::Coordinator(args) => services::coordinator(amqp_url, args).await,
+        Command::Worker(args) => services::worker(amqp_url, args).await,
+        Command::Backup(mut args) => {
+            args.follow |= embedded;
+            backup(amqp_url, args).await
+        }
+        Command::Restore(mut args) => {
+            args.follow |= embedded;
+            restore(amqp_url, args).await
+        }
+        Command::Verify(args) => verify(amqp_url, args).await,
+        Command::Diagnostics(args) => diagnostics(amqp_url, args).await,
+        Command::Pause(args) => lifecycle::pause(amqp_url, args.operation_id).await,
         Command::Resume(args) => {
-            lifecycle::resume(&cli.amqp_url, args.operation_id, args.token, args.follow).await
+            lifecycle::resume(
+                amqp_url,
+                args.operation_id,
+                args.token,
+                args.follow || embedded,
+            )
+            .await
         }
         Command::Cancel(args) => {
-            lifecycle::cancel(&cli.amqp_url, args.operation_id, args.follow).await
+            lifecycle::cancel(amqp_url, args.operation_id, args.follow || embedded).await
         }
-        Command::Status(args) => status(&cli.amqp_url, args).await,
-        Command::List(args) => list(&cli.amqp_url, args).await,
+        Command::Status(args) => status(amqp_url, args).await,
+        Command::List(args) => list(amqp_url, args).await,
     }
 }
 

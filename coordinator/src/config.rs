@@ -190,7 +190,9 @@ impl Config {
         }
         check_ident("schema", &self.schema)
             .map_err(|error| CoordinatorError::config("schema", error.to_string()))?;
-        if let Some(source_url) = &self.source_url {
+        if let Some(source_url) = &self.source_url
+            && !source_url.starts_with("sqlite:")
+        {
             check_postgres_url("source_url", source_url)?;
         }
         if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.part_bytes) {

@@ -12,7 +12,7 @@ use koan_protocol::codec::Message;
 use koan_protocol::jobs::{Job, PlanEntity};
 use koan_protocol::plan::Consistency;
 use koan_protocol::topology::{EVENTS_EXCHANGE, MAX_JOB_BYTES, operation_event_key};
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_transport::{Broker, Incoming, Subscription};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +48,7 @@ pub(crate) type BrokerWatch = watch::Receiver<Option<Arc<Broker>>>;
 #[derive(Debug)]
 pub(crate) struct WorkerContext {
     pub(crate) settings: JobSettings,
-    pub(crate) source: PgSource,
+    pub(crate) source: Source,
     pub(crate) storage: Storage,
     /// Jobs and snapshot holders, waited for at shutdown.
     pub(crate) tracker: TaskTracker,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use koan_protocol::topology::{EVENTS_EXCHANGE, pool_queue};
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_transport::error::redact_url;
 use koan_transport::{Broker, Subscription, TransportError, topology};
 use tokio::sync::{Semaphore, watch};
@@ -46,7 +46,7 @@ enum SessionEnd {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     config.validate()?;
     let storage = Storage::open(&config.storage_url)?;
-    let source = PgSource::new(
+    let source = Source::from_url(
         &config.source_url,
         config.concurrency + EXTRA_SOURCE_CONNECTIONS,
     )?;

@@ -18,7 +18,7 @@ use koan_protocol::archive::{
 use koan_protocol::events::WorkerEvent;
 use koan_protocol::jobs::{ExportChunk, Finalize, PlanEntity};
 use koan_protocol::plan::{BackupEntity, BackupPlan, Consistency, EntitySpec};
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_worker::jobs::export::export_chunk;
 use koan_worker::jobs::finalize::finalize;
 use koan_worker::jobs::plan::plan_entity;
@@ -58,7 +58,7 @@ fn planned(events: &MemoryEvents) -> (EntitySpec, Vec<KeyRange>, u64, Option<Str
 
 /// Exports every range; returns the parts of each chunk.
 async fn export_all(
-    source: &PgSource,
+    source: &Source,
     storage: &Storage,
     plan: &BackupPlan,
     backup_id: Uuid,
@@ -138,7 +138,7 @@ async fn snapshot_backup_sees_only_the_snapshot_and_finalizes() {
         .unwrap();
     let plan = BackupPlan::new("orders:nightly")
         .entity(BackupEntity::new("orders", "Order").chunk_rows(300));
-    let source = PgSource::new(&database.url, 4).unwrap();
+    let source = Source::new(&database.url, 4).unwrap();
     let storage = Storage::open(&database.directory.display().to_string()).unwrap();
     let backup_id = Uuid::now_v7();
     let plan_job = PlanEntity {
@@ -313,7 +313,7 @@ async fn per_chunk_backup_writes_numeric_keys_and_versions() {
                 .version("$.meta.version")
                 .chunk_rows(100),
         );
-    let source = PgSource::new(&database.url, 4).unwrap();
+    let source = Source::new(&database.url, 4).unwrap();
     let storage = Storage::open(&format!("file://{}", database.directory.display())).unwrap();
     let backup_id = Uuid::now_v7();
     let plan_job = PlanEntity {
@@ -355,7 +355,7 @@ async fn per_chunk_backup_writes_numeric_keys_and_versions() {
 async fn planning_a_missing_table_fails_the_entity() {
     let database = TestDatabase::create().await;
     let plan = BackupPlan::new("p").entity(BackupEntity::new("ghost", "Ghost"));
-    let source = PgSource::new(&database.url, 2).unwrap();
+    let source = Source::new(&database.url, 2).unwrap();
     let job = PlanEntity {
         operation_id: Uuid::now_v7(),
         plan_id: plan.plan_id.clone(),

@@ -15,7 +15,7 @@ use koan_protocol::commands::RestoreMode;
 use koan_protocol::events::{RowFailure, WorkerEvent};
 use koan_protocol::jobs::{ImportPart, PlanRestore, ReplayJob, ReplayLine, RestoreTarget};
 use koan_protocol::plan::{BackupEntity, BackupPlan, EntitySpec, KeyType};
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_worker::jobs::Outcome;
 use koan_worker::jobs::import::import_part;
 use koan_worker::jobs::plan_restore::plan_restore;
@@ -75,7 +75,7 @@ async fn round_trip_into_another_database() {
                 .version("$.meta.version")
                 .chunk_rows(100),
         );
-    let source = PgSource::new(&source_database.url, 4).unwrap();
+    let source = Source::new(&source_database.url, 4).unwrap();
     let storage = storage_of(&source_database);
     let (manifest, path) = backup(&source, &storage, &plan_spec, 16 * 1024).await;
     assert_eq!(manifest.totals.rows, 2_501);
@@ -97,7 +97,7 @@ async fn round_trip_into_another_database() {
     // An empty database: the Koan-layout tables are created from the archive.
     let target_database = TestDatabase::create().await;
     let target_client = target_database.client().await;
-    let target = PgSource::new(&target_database.url, 4).unwrap();
+    let target = Source::new(&target_database.url, 4).unwrap();
     let operation_id = Uuid::now_v7();
     let entities = plan(
         &target,
@@ -164,7 +164,7 @@ async fn a_flipped_byte_fails_its_part_and_writes_nothing_from_it() {
             .version("$.meta.version")
             .chunk_rows(100),
     );
-    let source = PgSource::new(&source_database.url, 4).unwrap();
+    let source = Source::new(&source_database.url, 4).unwrap();
     let storage = storage_of(&source_database);
     let (manifest, path) = backup(&source, &storage, &plan_spec, 4 * 1024).await;
     let damaged = manifest.entities[0].chunks[2].parts[0].clone();
@@ -190,7 +190,7 @@ async fn a_flipped_byte_fails_its_part_and_writes_nothing_from_it() {
 
     let target_database = TestDatabase::create().await;
     let target_client = target_database.client().await;
-    let target = PgSource::new(&target_database.url, 4).unwrap();
+    let target = Source::new(&target_database.url, 4).unwrap();
     let operation_id = Uuid::now_v7();
     let entities = plan(
         &target,
@@ -305,7 +305,7 @@ async fn unparsable_lines_and_refused_rows_are_isolated_then_replayed() {
         .unwrap();
     let storage = storage_of(&database);
     let part = crafted_part(&storage).await;
-    let target = PgSource::new(&database.url, 2).unwrap();
+    let target = Source::new(&database.url, 2).unwrap();
     let job = ImportPart {
         operation_id: Uuid::now_v7(),
         entity: ledger_spec(),
@@ -423,7 +423,7 @@ async fn replace_restores_swap_the_staged_rows_in() {
     source_client.batch_execute(LEDGER).await.unwrap();
     let plan_spec =
         BackupPlan::new("ledger").entity(BackupEntity::new("ledger", "Ledger").chunk_rows(150));
-    let source = PgSource::new(&source_database.url, 4).unwrap();
+    let source = Source::new(&source_database.url, 4).unwrap();
     let storage = storage_of(&source_database);
     let (manifest, path) = backup(&source, &storage, &plan_spec, 8 * 1024).await;
 
@@ -436,7 +436,7 @@ async fn replace_restores_swap_the_staged_rows_in() {
         )
         .await
         .unwrap();
-    let target = PgSource::new(&target_database.url, 4).unwrap();
+    let target = Source::new(&target_database.url, 4).unwrap();
     let operation_id = Uuid::now_v7();
     let entities = plan(
         &target,
@@ -494,7 +494,7 @@ async fn planning_refuses_what_it_cannot_restore() {
         .await
         .unwrap();
     let plan_spec = BackupPlan::new("ledger").entity(BackupEntity::new("ledger", "Ledger"));
-    let source = PgSource::new(&source_database.url, 2).unwrap();
+    let source = Source::new(&source_database.url, 2).unwrap();
     let storage = storage_of(&source_database);
     let (manifest, path) = backup(&source, &storage, &plan_spec, 64 * 1024).await;
 
@@ -505,7 +505,7 @@ async fn planning_refuses_what_it_cannot_restore() {
         .batch_execute(r#"CREATE TABLE "Ledger" ("Id" text PRIMARY KEY, "Json" jsonb NOT NULL)"#)
         .await
         .unwrap();
-    let target = PgSource::new(&target_database.url, 2).unwrap();
+    let target = Source::new(&target_database.url, 2).unwrap();
     let failed = |events: Vec<WorkerEvent>| match events.as_slice() {
         [WorkerEvent::OperationFailed(failed)] => (failed.code.clone(), failed.error.clone()),
         other => panic!("expected OperationFailed, got {other:?}"),

@@ -10,7 +10,7 @@ mod common;
 
 use koan_protocol::events::WorkerEvent;
 use koan_protocol::plan::{BackupEntity, BackupPlan};
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_worker::Storage;
 
 use common::TestDatabase;
@@ -29,7 +29,7 @@ async fn verify_names_every_bad_part() {
     client.batch_execute(LEDGER).await.unwrap();
     let plan_spec =
         BackupPlan::new("ledger").entity(BackupEntity::new("ledger", "Ledger").chunk_rows(100));
-    let source = PgSource::new(&database.url, 4).unwrap();
+    let source = Source::new(&database.url, 4).unwrap();
     let storage = Storage::open(&database.directory.display().to_string()).unwrap();
     let (mut manifest, path) = backup(&source, &storage, &plan_spec, 4 * 1024).await;
     assert!(verify_problems(&verify(&storage, &manifest, &path).await).is_empty());

@@ -2,7 +2,7 @@
 //! checked against the entity source before a backup is accepted.
 
 use koan_protocol::plan::BackupPlan;
-use koan_source::{PgSource, SourceError};
+use koan_source::{Source, SourceError};
 
 use crate::config::redact_postgres_url;
 use crate::error::CoordinatorError;
@@ -13,13 +13,13 @@ const CATALOG_CONNECTIONS: usize = 2;
 /// The entity source's catalog, as seen by the coordinator.
 #[derive(Debug, Clone)]
 pub struct SourceCatalog {
-    source: PgSource,
+    source: Source,
 }
 
 impl SourceCatalog {
     /// A catalog over the PostgreSQL source at `url` (connections open on first use).
     pub fn connect(url: &str) -> Result<Self, CoordinatorError> {
-        let source = PgSource::new(url, CATALOG_CONNECTIONS).map_err(|error| {
+        let source = Source::from_url(url, CATALOG_CONNECTIONS).map_err(|error| {
             CoordinatorError::config(
                 "source_url",
                 format!("{} ({error})", redact_postgres_url(url)),

@@ -31,7 +31,7 @@ use koan_protocol::archive::KeyRange;
 use koan_protocol::events::{OperationFailed, WorkerEvent};
 use koan_protocol::plan::EntitySpec;
 use koan_protocol::topology::JOB_DELIVERY_LIMIT;
-use koan_source::{ExportRow, PgSource, RowStream, SourceError};
+use koan_source::{ExportRow, Source, SourceError, SourceRowStream};
 use tracing::warn;
 use uuid::Uuid;
 
@@ -192,8 +192,8 @@ pub trait RowCursor: Send {
     fn next_row(&mut self) -> impl Future<Output = Result<Option<ExportRow>, SourceError>> + Send;
 }
 
-impl ChunkSource for PgSource {
-    type Rows = RowStream;
+impl ChunkSource for Source {
+    type Rows = SourceRowStream;
 
     async fn rows(
         &self,
@@ -201,12 +201,12 @@ impl ChunkSource for PgSource {
         range: &KeyRange,
         after_key: Option<&str>,
         snapshot_id: Option<&str>,
-    ) -> Result<RowStream, SourceError> {
+    ) -> Result<SourceRowStream, SourceError> {
         self.export(entity, range, after_key, snapshot_id).await
     }
 }
 
-impl RowCursor for RowStream {
+impl RowCursor for SourceRowStream {
     async fn next_row(&mut self) -> Result<Option<ExportRow>, SourceError> {
         self.next().await
     }

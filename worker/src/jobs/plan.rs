@@ -14,7 +14,7 @@ use koan_protocol::archive::SnapshotFacts;
 use koan_protocol::events::{EntityFailed, EntityPlanned, WorkerEvent};
 use koan_protocol::jobs::PlanEntity;
 use koan_protocol::plan::{Consistency, EntitySpec};
-use koan_source::{PgSource, RangePlan, SnapshotHolder, SourceError};
+use koan_source::{RangePlan, SnapshotHolder, Source, SourceError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -44,7 +44,7 @@ impl Planned {
 
 /// Runs a `plan_entity` job; see the module documentation.
 pub async fn plan_entity<E: Events>(
-    source: &PgSource,
+    source: &Source,
     events: &E,
     settings: &JobSettings,
     job: &PlanEntity,
@@ -103,7 +103,7 @@ pub async fn plan_entity<E: Events>(
 }
 
 async fn plan_in_source(
-    source: &PgSource,
+    source: &Source,
     job: &PlanEntity,
 ) -> Result<(EntitySpec, RangePlan, Option<SnapshotHolder>), SourceError> {
     let resolved = source.inspect(&job.entity).await?;

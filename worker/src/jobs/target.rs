@@ -9,7 +9,9 @@ use std::future::Future;
 
 use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::EntitySpec;
-use koan_source::{ApplyOutcome, ImportLine, ImportOutcome, ImportSession, PgSource, SourceError};
+use koan_source::{
+    ApplyOutcome, ImportLine, ImportOutcome, Source, SourceError, SourceImportSession,
+};
 use uuid::Uuid;
 
 use crate::archive_line::ParsedLine;
@@ -85,11 +87,11 @@ impl ParsedLine {
     }
 }
 
-impl RestoreStore for PgSource {
-    type Session = ImportSession;
+impl RestoreStore for Source {
+    type Session = SourceImportSession;
 
     async fn prepare_target(&self, entity: &EntitySpec) -> Result<EntitySpec, SourceError> {
-        PgSource::prepare_target(self, entity).await
+        Source::prepare_target(self, entity).await
     }
 
     async fn create_staging(
@@ -97,19 +99,19 @@ impl RestoreStore for PgSource {
         entity: &EntitySpec,
         operation_id: Uuid,
     ) -> Result<String, SourceError> {
-        PgSource::create_staging(self, entity, operation_id).await
+        Source::create_staging(self, entity, operation_id).await
     }
 
     async fn drop_staging(&self, entity: &EntitySpec, table: &str) -> Result<(), SourceError> {
-        PgSource::drop_staging(self, entity, table).await
+        Source::drop_staging(self, entity, table).await
     }
 
     async fn begin_import(
         &self,
         entity: &EntitySpec,
         target: &RestoreTarget,
-    ) -> Result<ImportSession, SourceError> {
-        PgSource::begin_import(self, entity, target).await
+    ) -> Result<SourceImportSession, SourceError> {
+        Source::begin_import(self, entity, target).await
     }
 
     async fn apply_staged(
@@ -117,20 +119,20 @@ impl RestoreStore for PgSource {
         entity: &EntitySpec,
         target: &RestoreTarget,
     ) -> Result<ApplyOutcome, SourceError> {
-        PgSource::apply_staged(self, entity, target).await
+        Source::apply_staged(self, entity, target).await
     }
 }
 
-impl ImportWriter for ImportSession {
+impl ImportWriter for SourceImportSession {
     async fn push(&mut self, line: &ImportLine<'_>) -> Result<(), SourceError> {
-        ImportSession::push(self, line).await
+        SourceImportSession::push(self, line).await
     }
 
     async fn abort(self) {
-        ImportSession::abort(self).await;
+        SourceImportSession::abort(self).await;
     }
 
     async fn commit(self) -> Result<ImportOutcome, SourceError> {
-        ImportSession::commit(self).await
+        SourceImportSession::commit(self).await
     }
 }

@@ -15,7 +15,7 @@ use koan_protocol::jobs::{
     VerifyJob,
 };
 use koan_protocol::plan::BackupPlan;
-use koan_source::PgSource;
+use koan_source::Source;
 use koan_worker::jobs::apply::apply_restore;
 use koan_worker::jobs::export::export_chunk;
 use koan_worker::jobs::finalize::finalize;
@@ -44,7 +44,7 @@ pub fn settings() -> JobSettings {
 /// `part_bytes`) and writes the manifest with the finalize job; returns the
 /// manifest and its path.
 pub async fn backup(
-    source: &PgSource,
+    source: &Source,
     storage: &Storage,
     plan: &BackupPlan,
     part_bytes: u64,
@@ -167,7 +167,7 @@ pub async fn backup(
 
 /// Plans a restore; returns the planned entities, or the events when planning did not succeed.
 pub async fn plan(
-    target: &PgSource,
+    target: &Source,
     storage: &Storage,
     manifest: &Manifest,
     manifest_path: &str,
@@ -196,7 +196,7 @@ pub async fn plan(
 /// Imports every part of every planned entity, then applies `replace`
 /// restores; returns every event reported.
 pub async fn import_all(
-    target: &PgSource,
+    target: &Source,
     storage: &Storage,
     entities: &[RestoreEntity],
     mode: RestoreMode,
