@@ -7,23 +7,20 @@ use tokio_postgres::types::Json;
 use tracing::{debug, warn};
 
 use koan_protocol::archive::KeyRange;
-use koan_protocol::events::{
-    EntityFailed, EntityPlanned, FinalizeFailed, ManifestWritten, OperationFailed, WorkerEvent,
-};
+use koan_protocol::events::{EntityFailed, EntityPlanned, WorkerEvent};
 use koan_protocol::plan::EntitySpec;
 use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
-use crate::store::restore_rules::operation_failure;
 use crate::store::rules::{ExportContext, check_ranges, entity_failure, export_job, report_role};
-use crate::store::{Applied, EntityState, OperationRole};
+use crate::store::{Applied, EntityState, rules};
 
 use super::PgStateStore;
 use super::db::{Db, get, int};
 use super::finalize::finalize_if_done;
 use super::operations::{OperationRow, fail, lock_operation, save_operation};
 use super::outbox::enqueue;
-use super::{chunks, imports, replays, verifies};
+use super::{chunks, imports, replays};
 
 pub(super) async fn apply(
     store: &PgStateStore,
@@ -69,8 +66,12 @@ pub(super) async fn apply(
         }
         WorkerEvent::ChunkDone(report) => chunks::done(&db, &mut operation, report).await?,
         WorkerEvent::ChunkFailed(report) => chunks::failed(&db, &mut operation, report).await?,
-        WorkerEvent::ManifestWritten(written) => manifest_written(&mut operation, written),
-        WorkerEvent::FinalizeFailed(failed) => finalize_failed(&mut operation, failed),
+        WorkerEvent::ManifestWritten(written) => {
+            rules::manifest_written(&mut operation.record, written)
+        }
+        WorkerEvent::FinalizeFailed(failed) => {
+            rules::finalize_failed(&mut operation.record, failed)
+        }
         WorkerEvent::RestorePlanned(planned) => {
             imports::restore_planned(&db, &mut operation, planned).await?
         }
@@ -87,10 +88,12 @@ pub(super) async fn apply(
             replays::replay_done(&db, &mut operation, report).await?
         }
         WorkerEvent::VerifyProgress(report) => {
-            verifies::verify_progress(&mut operation, report, db.now)
+            rules::verify_progress(&mut operation.record, report, db.now)
         }
-        WorkerEvent::VerifyDone(report) => verifies::verify_done(&mut operation, report),
-        WorkerEvent::OperationFailed(failed) => operation_failed(&mut operation, failed),
+        WorkerEvent::VerifyDone(report) => rules::verify_done(&mut operation.record, report),
+        WorkerEvent::OperationFailed(failed) => {
+            rules::operation_failed(&mut operation.record, failed)
+        }
         WorkerEvent::Discarded(_) => Applied::Unchanged("discard recorded"),
     };
     if applied == Applied::Changed {
@@ -237,49 +240,4 @@ async fn entity_failed(
         entity_failure(&failed.entity, &failed.code, &failed.error),
     );
     Ok(Applied::Changed)
-}
-
-/// The manifest is written: the backup is complete.
-fn manifest_written(operation: &mut OperationRow, written: &ManifestWritten) -> Applied {
-    if operation.record.state != OperationState::Finalizing {
-        warn!(
-            operation_id = %operation.record.id,
-            state = operation.record.state.as_str(),
-            "manifest_written for an operation that is not finalizing ignored"
-        );
-        return Applied::Unchanged("operation is not finalizing");
-    }
-    operation.record.state = OperationState::Completed;
-    operation.record.manifest = Some(written.path.clone());
-    Applied::Changed
-}
-
-/// A retryable failure is retried by the worker; any other fails the operation.
-fn finalize_failed(operation: &mut OperationRow, failed: &FinalizeFailed) -> Applied {
-    if operation.record.state != OperationState::Finalizing {
-        return Applied::Unchanged("operation is not finalizing");
-    }
-    if failed.retryable {
-        warn!(operation_id = %operation.record.id, code = %failed.code, error = %failed.error, "manifest write failed, worker retries");
-        return Applied::Unchanged("worker retries the manifest");
-    }
-    fail(
-        operation,
-        format!(
-            "writing the manifest failed ({}): {}",
-            failed.code, failed.error
-        ),
-    );
-    Applied::Changed
-}
-
-/// A restore, replay or verify failed as a whole (the worker does not retry).
-fn operation_failed(operation: &mut OperationRow, failed: &OperationFailed) -> Applied {
-    if operation.record.role == OperationRole::Backup {
-        warn!(operation_id = %operation.record.id, code = %failed.code, error = %failed.error,
-            "operation_failed for a backup ignored");
-        return Applied::Unchanged("operation_failed is not a backup report");
-    }
-    fail(operation, operation_failure(&failed.code, &failed.error));
-    Applied::Changed
 }

@@ -10,7 +10,7 @@ use koan_protocol::plan::EntitySpec;
 
 use crate::error::CoordinatorError;
 use crate::store::Applied;
-use crate::store::rules::{ChunkState, check_part_path, chunk_failure};
+use crate::store::rules::{self, ChunkState, check_part_path, chunk_failure};
 
 use super::db::{Db, delta, get, int, int4, uint, uint4};
 use super::finalize::finalize_if_done;
@@ -73,9 +73,7 @@ pub(super) async fn lock_chunk(
 }
 
 pub(super) fn lease_until(db: &Db<'_>) -> DateTime<Utc> {
-    db.now
-        + chrono::Duration::from_std(db.store.policy().lease)
-            .unwrap_or_else(|_| chrono::Duration::seconds(60))
+    rules::lease_until(db.now, db.store.policy().lease)
 }
 
 /// Reads a chunk the report's run owns, or says why the report changes nothing.

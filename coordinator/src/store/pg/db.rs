@@ -199,18 +199,7 @@ pub(super) fn uint4(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
 
-/// `value` moved by a signed `delta`, saturating at 0 and `u64::MAX`.
-pub(super) fn shifted(value: u64, delta: i64) -> u64 {
-    match u64::try_from(delta) {
-        Ok(up) => value.saturating_add(up),
-        Err(_) => value.saturating_sub(delta.unsigned_abs()),
-    }
-}
-
-/// `new - old` as a signed delta.
-pub(super) fn delta(new: u64, old: u64) -> i64 {
-    int(new).saturating_sub(int(old))
-}
+pub(super) use crate::store::rules::{delta, shifted};
 
 #[cfg(test)]
 mod tests {

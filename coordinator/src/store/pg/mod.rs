@@ -43,7 +43,6 @@ mod outbox;
 mod replays;
 mod restores;
 mod submit;
-mod verifies;
 
 use db::get;
 

@@ -8,13 +8,12 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use koan_protocol::commands::RestoreMode;
 use koan_protocol::plan::Consistency;
 use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
-use crate::progress::{self, Counters};
-use crate::store::rules::{QueuedMessage, event_for};
+use crate::progress;
+use crate::store::rules::{self, QueuedMessage, event_for};
 use crate::store::{EntityRecord, EntityState, OperationRecord, OperationRole, StateStore};
 
 use super::db::{Db, get, int, shifted, uint};
@@ -54,7 +53,7 @@ pub(super) fn operation_from_row(row: &Row) -> Result<OperationRow, CoordinatorE
         .ok_or_else(|| CoordinatorError::corrupt("operation state", &state))?;
     let Json(labels): Json<BTreeMap<String, String>> = get(row, "labels")?;
     let mode = get::<Option<String>>(row, "mode")?
-        .map(|mode| parse_mode(&mode).ok_or_else(|| CoordinatorError::corrupt("mode", mode)))
+        .map(|mode| rules::parse_mode(&mode).ok_or_else(|| CoordinatorError::corrupt("mode", mode)))
         .transpose()?;
     let Json(problems): Json<Vec<String>> = get(row, "problems")?;
     let record = OperationRecord {
@@ -104,18 +103,6 @@ pub(super) fn operation_from_row(row: &Row) -> Result<OperationRow, CoordinatorE
         published_sequence: uint(get(row, "published_sequence")?),
         published_at: get(row, "published_at")?,
     })
-}
-
-/// Parses a stored restore mode.
-pub(super) fn parse_mode(name: &str) -> Option<RestoreMode> {
-    [
-        RestoreMode::Merge,
-        RestoreMode::Overwrite,
-        RestoreMode::SkipExisting,
-        RestoreMode::Replace,
-    ]
-    .into_iter()
-    .find(|mode| mode.as_str() == name)
 }
 
 /// Reads an entity row selected with [`ENTITY_COLUMNS`].
@@ -222,8 +209,7 @@ pub(super) async fn apply_delta(
 
 /// Fails the operation with `error` (its `failed` event goes out on save).
 pub(super) fn fail(operation: &mut OperationRow, error: String) {
-    operation.record.state = OperationState::Failed;
-    operation.record.error = Some(error);
+    rules::fail(&mut operation.record, error);
 }
 
 /// Saves a changed operation: next percent (never lower), next sequence, and
@@ -232,16 +218,13 @@ pub(super) async fn save_operation(
     db: &Db<'_>,
     operation: &mut OperationRow,
 ) -> Result<(), CoordinatorError> {
-    let record = &mut operation.record;
-    record.percent = progress::next_percent(record.percent, record.state, &Counters::of(record));
-    record.sequence = record.sequence.saturating_add(1);
-    record.updated_at = db.now;
-    let interval = chrono::Duration::from_std(db.store.policy().progress_interval)
-        .unwrap_or_else(|_| chrono::Duration::milliseconds(250));
-    let due = operation.read_state != record.state
-        || operation
-            .published_at
-            .is_none_or(|published_at| db.now - published_at >= interval);
+    let due = rules::advance_operation(
+        &mut operation.record,
+        operation.read_state,
+        operation.published_at,
+        db.now,
+        db.store.policy().progress_interval,
+    );
     if due {
         announce(db, operation).await?;
     }
