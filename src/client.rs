@@ -10,6 +10,7 @@ use koan_protocol::commands::{
 use koan_protocol::progress::ProgressReport;
 use koan_protocol::topology::{COMMANDS_EXCHANGE, EVENTS_EXCHANGE, operation_follow_key};
 use koan_transport::{Broker, Outgoing, Subscription, rpc, topology};
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// How long the client waits for the coordinator to answer a command.
@@ -30,6 +31,8 @@ pub struct Submitted {
     pub existing: bool,
     /// What the coordinator wants the user told.
     pub warnings: Vec<String>,
+    /// The trace the submission started (traces exported only).
+    pub trace_id: Option<String>,
 }
 
 impl Client {
@@ -59,21 +62,46 @@ impl Client {
         Ok(koan_protocol::decode::<Reply>(&reply.payload)?)
     }
 
-    /// Submits a command that starts an operation; a rejection is an error
-    /// carrying the coordinator's reason.
+    /// Submits a command that starts an operation, in a `submit` span: the
+    /// root of the operation's trace (the command carries its context). A
+    /// rejection is an error carrying the coordinator's reason, and the span's.
     async fn start(&self, command: Command) -> Result<Submitted> {
-        match self.request(&command).await? {
-            Reply::Accepted(accepted) => Ok(Submitted {
-                operation_id: accepted.operation_id,
-                existing: accepted.existing,
-                warnings: accepted.warnings,
-            }),
-            Reply::Rejected(rejected) => bail!("rejected ({}): {}", rejected.code, rejected.error),
-            other => bail!(
+        let kind = command_routing_key(&command);
+        let span = tracing::info_span!(
+            "submit",
+            otel.kind = "producer",
+            command = kind,
+            operation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        koan_telemetry::adopt(&span, None);
+        let trace_id = koan_telemetry::trace_id(&span);
+        let reply = self.request(&command).instrument(span.clone()).await;
+        let failure = match reply {
+            Ok(Reply::Accepted(accepted)) => {
+                span.record(
+                    "operation_id",
+                    tracing::field::display(accepted.operation_id),
+                );
+                return Ok(Submitted {
+                    operation_id: accepted.operation_id,
+                    existing: accepted.existing,
+                    warnings: accepted.warnings,
+                    trace_id,
+                });
+            }
+            Ok(Reply::Rejected(rejected)) => {
+                koan_telemetry::record_failure(&span, &rejected.code, &rejected.error);
+                anyhow::anyhow!("rejected ({}): {}", rejected.code, rejected.error)
+            }
+            Ok(other) => anyhow::anyhow!(
                 "unexpected reply '{}'",
                 koan_protocol::Message::kind(&other)
             ),
-        }
+            Err(error) => error,
+        };
+        koan_telemetry::record_failure(&span, "not_submitted", &format!("{failure:#}"));
+        Err(failure)
     }
 
     /// Submits `start_backup`.

@@ -178,6 +178,9 @@ impl Embedded {
                 config.storage_url = settings.storage_url.clone();
                 config.pools = vec![pool.name.clone()];
                 config.worker_id = format!("embedded-{}-{index}", pool.name);
+                // One endpoint per process: the coordinator's (KOAN_METRICS_ADDR)
+                // serves every service's metrics.
+                config.metrics_addr = None;
                 config.validate()?;
                 workers.push(tokio::spawn(koan_worker::run(
                     config,
@@ -242,6 +245,10 @@ impl Embedded {
             Ok(Ok(Err(error))) => failures.push(format!("coordinator: {error}")),
             Ok(Err(error)) => failures.push(format!("coordinator task: {error}")),
             Err(_) => failures.push("the coordinator did not stop in time".to_string()),
+        }
+        // Push what was recorded to an OTLP collector, if one is configured.
+        if let Err(error) = tokio::task::spawn_blocking(koan_metrics::flush).await {
+            failures.push(format!("flushing the metrics: {error}"));
         }
         if failures.is_empty() {
             Ok(())

@@ -1,21 +1,25 @@
-//! Log output: human-readable by default, JSON with `KOAN_LOG_FORMAT=json`,
-//! level from `RUST_LOG` (default `info`; `warn` in embedded mode), always on stderr.
+//! Log output and trace export, installed by `koan_telemetry`: logs on
+//! stderr, human-readable by default, JSON with `KOAN_LOG_FORMAT=json`, level
+//! from `RUST_LOG` (default `info`; `warn` in embedded mode); traces exported
+//! over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and not at all otherwise.
 
-use tracing_subscriber::EnvFilter;
+use koan_telemetry::{Settings, Telemetry};
 
-/// Installs the global subscriber, at `default_filter` unless `RUST_LOG` is set.
-pub fn init(default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json =
-        std::env::var("KOAN_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
+use crate::Command;
+
+/// Installs the global subscriber, at `default_filter` unless `RUST_LOG` is
+/// set, naming exported spans' service `service` unless `OTEL_SERVICE_NAME`
+/// does. Keep the guard until the end: dropping it flushes the last spans.
+pub fn init(default_filter: &str, service: &str) -> Telemetry {
+    koan_telemetry::init(&Settings::from_env(default_filter, service))
+}
+
+/// The service name of a process running `command`: its role.
+pub fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Coordinator(_) => "koan-coordinator",
+        Command::Worker(_) => "koan-worker",
+        _ => "koan-backup",
     }
 }

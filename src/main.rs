@@ -8,9 +8,10 @@
 //! - [`lifecycle`]: `pause`, `resume` and `cancel`.
 //! - [`services`]: running the coordinator and workers until a signal.
 //! - [`embedded`]: `--embedded`, a whole deployment inside this process.
-//! - [`logging`]: log output (human or JSON).
+//! - [`logging`]: log output (human or JSON) and trace export (`koan_telemetry`).
 
 mod client;
+mod demo;
 mod embedded;
 mod follow;
 mod lifecycle;
@@ -70,6 +71,8 @@ enum Command {
     Status(StatusArgs),
     /// List recent operations.
     List(ListArgs),
+    /// Generate sample data, back it up, verify, restore and compare, all in-process.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -230,13 +233,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // In embedded mode the services share this terminal with the progress
-    // display: only their warnings are shown unless RUST_LOG says otherwise.
-    logging::init(if cli.embedded.embedded {
-        "warn"
-    } else {
-        "info,lapin=warn"
-    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -244,22 +240,41 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    // In embedded mode (and the demo) the services share this terminal with
+    // the progress display: only their warnings are shown unless RUST_LOG
+    // says otherwise.
+    let default_filter = if cli.embedded.embedded || matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info,lapin=warn"
+    };
+    let telemetry = {
+        // An OTLP/gRPC exporter is built on the runtime.
+        let _runtime = runtime.enter();
+        logging::init(default_filter, logging::service_name(&cli.command))
+    };
+    let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // Flush the last spans while the runtime still runs.
+    telemetry.shutdown();
+    code
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
     if !cli.embedded.embedded {
         return run_command(&cli.amqp_url, cli.command, false).await;
     }
-    if matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
+    if matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Worker(_) | Command::Demo(_)
+    ) {
         bail!(
-            "--embedded runs its own coordinator and workers; it does not apply to `coordinator` or `worker`"
+            "--embedded runs its own coordinator and workers; it does not apply to `coordinator`, `worker` or `demo`"
         );
     }
     let settings = embedded::Settings::from_args(&cli.embedded)?;
@@ -304,6 +319,7 @@ async fn run_command(amqp_url: &str, command: Command, embedded: bool) -> Result
         }
         Command::Status(args) => status(amqp_url, args).await,
         Command::List(args) => list(amqp_url, args).await,
+        Command::Demo(args) => demo::run(args).await,
     }
 }
 
@@ -432,7 +448,8 @@ fn print_diagnostics(listing: &Diagnostics, json: bool) -> Result<u8> {
 }
 
 /// Submits an operation (binding its events first when following), prints
-/// its id, and follows it to the end when asked.
+/// its id (and, on stderr, the trace id when traces are exported), and
+/// follows it to the end when asked.
 async fn run_operation(
     client: &Client,
     operation_id: Uuid,
@@ -449,15 +466,19 @@ async fn run_operation(
     for warning in &submitted.warnings {
         eprintln!("note: {warning}");
     }
+    if let Some(trace_id) = &submitted.trace_id {
+        eprintln!("trace {trace_id}");
+    }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "operation_id": submitted.operation_id,
-                "existing": submitted.existing,
-                "warnings": submitted.warnings,
-            })
-        );
+        let mut accepted = serde_json::json!({
+            "operation_id": submitted.operation_id,
+            "existing": submitted.existing,
+            "warnings": submitted.warnings,
+        });
+        if let Some(trace_id) = &submitted.trace_id {
+            accepted["trace_id"] = serde_json::json!(trace_id);
+        }
+        println!("{accepted}");
     } else {
         println!("{}", submitted.operation_id);
     }

@@ -30,6 +30,10 @@ pub struct CoordinatorArgs {
     /// Seconds a chunk claim lasts without news [env: KOAN_LEASE_SECONDS, default: 60].
     #[arg(long)]
     lease_seconds: Option<u64>,
+    /// Serve GET /metrics and /healthz at IP:PORT, or `off`
+    /// [env: KOAN_METRICS_ADDR, default: 127.0.0.1:9464].
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 /// Flags of `koan-backup worker`.
@@ -50,10 +54,29 @@ pub struct WorkerArgs {
     /// Name of this worker in status and logs [env: KOAN_WORKER_ID].
     #[arg(long)]
     worker_id: Option<String>,
+    /// Serve GET /metrics and /healthz at IP:PORT (port 0: any free port, logged),
+    /// or `off` [env: KOAN_METRICS_ADDR, default: off].
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// Where a coordinator serves its metrics unless told otherwise: a fixed,
+/// well-known port (workers serve none by default, so they never collide with it).
+pub const DEFAULT_COORDINATOR_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// Runs a service with the process's metrics installed under `service_name`,
+/// then pushes what is left over OTLP (when configured) before returning.
+async fn with_metrics<T>(service_name: &str, service: impl Future<Output = T>) -> T {
+    koan_metrics::init(service_name);
+    let outcome = service.await;
+    if let Err(error) = tokio::task::spawn_blocking(koan_metrics::shutdown).await {
+        tracing::warn!(%error, "flushing the metrics failed");
+    }
+    outcome
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -119,8 +142,19 @@ pub async fn coordinator(amqp_url: &str, args: CoordinatorArgs) -> Result<u8> {
     if let Some(lease_seconds) = args.lease_seconds {
         config.lease_seconds = lease_seconds;
     }
+    match args.metrics_addr {
+        Some(address) => config.metrics_addr = koan_metrics::parse_address(&address)?,
+        None if env("KOAN_METRICS_ADDR").is_none() => {
+            config.metrics_addr = koan_metrics::parse_address(DEFAULT_COORDINATOR_METRICS_ADDR)?;
+        }
+        None => {}
+    }
     config.validate()?;
-    koan_coordinator::run(config, shutdown_on_signal()).await?;
+    with_metrics(
+        "koan-coordinator",
+        koan_coordinator::run(config, shutdown_on_signal()),
+    )
+    .await?;
     Ok(0)
 }
 
@@ -147,7 +181,14 @@ pub async fn worker(amqp_url: &str, args: WorkerArgs) -> Result<u8> {
     if let Some(worker_id) = args.worker_id {
         config.worker_id = worker_id;
     }
+    if let Some(address) = args.metrics_addr {
+        config.metrics_addr = koan_metrics::parse_address(&address)?;
+    }
     config.validate()?;
-    koan_worker::run(config, shutdown_on_signal()).await?;
+    with_metrics(
+        "koan-worker",
+        koan_worker::run(config, shutdown_on_signal()),
+    )
+    .await?;
     Ok(0)
 }

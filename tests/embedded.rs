@@ -139,7 +139,10 @@ async fn an_interrupted_embedded_backup_resumes_from_its_token() {
     assert_eq!(seen.len() as u64, ROWS);
     let mut parts = BTreeSet::new();
     for (_, chunk, part) in manifest.parts() {
-        assert!(parts.insert((chunk.chunk, part.part)), "a part listed twice");
+        assert!(
+            parts.insert((chunk.chunk, part.part)),
+            "a part listed twice"
+        );
     }
 }
 

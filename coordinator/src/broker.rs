@@ -7,9 +7,12 @@
 //! message's delivery limit; on shutdown the message in hand is left unacked
 //! and goes back to the queue.
 //!
+//! Each delivery is handled in its handler's span, the child of the span that
+//! published it ([`Handler::span`]).
+//!
 //! **Publishing** ([`drain_loop`]): the outbox drainer publishes queued jobs
 //! and events with publisher confirms, in order, and removes them once
-//! confirmed. It is woken after every commit that queued something and every
+//! confirmed. Each carries the trace context stored with its operation. It is woken after every commit that queued something and every
 //! 500 ms. The state store drains under an advisory lock, so of several
 //! coordinators one drains at a time and no message is published twice by two
 //! drainers; a crash between publishing and removing republishes (consumers
@@ -22,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, Span, debug, warn};
 
 use koan_protocol::topology::JOBS_EXCHANGE;
 use koan_transport::{Broker, Incoming, Outgoing, rpc, topology};
@@ -49,6 +52,19 @@ pub trait Handler: Send + Sync {
         &self,
         incoming: &Incoming,
     ) -> impl Future<Output = Result<Decision, CoordinatorError>> + Send;
+
+    /// The span the delivery is handled, replied to and settled in: a child
+    /// of the span that published it (see [`crate::spans`]).
+    fn span(&self, incoming: &Incoming) -> Span {
+        let span = tracing::info_span!(
+            "delivery",
+            queue = %incoming.queue,
+            kind = incoming.kind.as_deref().unwrap_or("unknown"),
+            trace_id = tracing::field::Empty,
+        );
+        koan_telemetry::adopt(&span, incoming.trace_context().as_ref());
+        span
+    }
 }
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -74,7 +90,11 @@ pub async fn consume<H: Handler>(
                 Err(error) => break Err(CoordinatorError::from(error)),
             },
         };
-        if let Err(error) = settle(broker, &incoming, handler, stop, wake).await {
+        let span = handler.span(&incoming);
+        let settled = settle(broker, &incoming, handler, stop, wake)
+            .instrument(span)
+            .await;
+        if let Err(error) = settled {
             break Err(error);
         }
     };
@@ -106,6 +126,7 @@ async fn settle<H: Handler>(
             }
             Err(error) => {
                 warn!(queue = %incoming.queue, code = error.code(), %error, "message dead-lettered");
+                koan_telemetry::record_failure(&Span::current(), error.code(), &error.to_string());
                 break Decision {
                     dead_letter: Some(format!("{}: {error}", error.code())),
                     ..Decision::default()
@@ -179,7 +200,8 @@ impl OutboxSink for BrokerSink<'_> {
             correlation_id: None,
             reply_to: None,
             headers: Vec::new(),
-        };
+        }
+        .trace(message.trace.as_ref());
         self.broker.publish(&outgoing).await?;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! one machine, `KOAN_*` environment overrides and a validation naming the bad field.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ pub const DEFAULT_LEASE_SECONDS: u64 = 60;
 pub const DEFAULT_DB_POOL_SIZE: usize = 8;
 /// Default least interval between two progress events of one operation.
 pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 250;
+/// Default interval between two reads of the state store for the metrics.
+pub const DEFAULT_METRICS_INTERVAL_MS: u64 = 5_000;
 
 const MIN_PART_BYTES: u64 = 64 * 1024;
 const MAX_PART_BYTES: u64 = 1024 * 1024 * 1024;
@@ -65,6 +68,15 @@ pub struct Config {
     /// Least milliseconds between two progress events of one operation (default 250).
     #[serde(default = "default_progress_interval_ms")]
     pub progress_interval_ms: u64,
+    /// Where `GET /metrics` (Prometheus text) and `GET /healthz` are served
+    /// (default: not served; the `coordinator` command defaults to
+    /// `127.0.0.1:9464`). Port 0 picks a free port.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Milliseconds between two reads of the state store for the pool and
+    /// operation gauges and ended operations (default 5000).
+    #[serde(default = "default_metrics_interval_ms")]
+    pub metrics_interval_ms: u64,
 }
 
 fn default_amqp_url() -> String {
@@ -96,6 +108,10 @@ fn default_progress_interval_ms() -> u64 {
     DEFAULT_PROGRESS_INTERVAL_MS
 }
 
+fn default_metrics_interval_ms() -> u64 {
+    DEFAULT_METRICS_INTERVAL_MS
+}
+
 impl Config {
     /// A configuration with every default and the given state store.
     pub fn new(database_url: impl Into<String>) -> Self {
@@ -110,6 +126,8 @@ impl Config {
             instance_id: default_instance_id(),
             db_pool_size: DEFAULT_DB_POOL_SIZE,
             progress_interval_ms: DEFAULT_PROGRESS_INTERVAL_MS,
+            metrics_addr: None,
+            metrics_interval_ms: DEFAULT_METRICS_INTERVAL_MS,
         }
     }
 
@@ -123,8 +141,9 @@ impl Config {
 
     /// Applies `KOAN_AMQP_URL`, `KOAN_DATABASE_URL`, `KOAN_SCHEMA`,
     /// `KOAN_PLANS_DIR`, `KOAN_SOURCE_URL`, `KOAN_PART_BYTES`,
-    /// `KOAN_LEASE_SECONDS`, `KOAN_INSTANCE_ID`, `KOAN_DB_POOL_SIZE` and
-    /// `KOAN_PROGRESS_INTERVAL_MS` from the process environment.
+    /// `KOAN_LEASE_SECONDS`, `KOAN_INSTANCE_ID`, `KOAN_DB_POOL_SIZE`,
+    /// `KOAN_PROGRESS_INTERVAL_MS`, `KOAN_METRICS_ADDR` (`off` for none) and
+    /// `KOAN_METRICS_INTERVAL_MS` from the process environment.
     pub fn with_env_overrides(self) -> Result<Self, CoordinatorError> {
         self.with_overrides(|name| std::env::var(name).ok())
     }
@@ -163,6 +182,13 @@ impl Config {
         }
         if let Some(value) = lookup("KOAN_PROGRESS_INTERVAL_MS") {
             self.progress_interval_ms = parse_number("progress_interval_ms", &value)?;
+        }
+        if let Some(value) = lookup("KOAN_METRICS_ADDR") {
+            self.metrics_addr = koan_metrics::parse_address(&value)
+                .map_err(|error| CoordinatorError::config("metrics_addr", error.to_string()))?;
+        }
+        if let Some(value) = lookup("KOAN_METRICS_INTERVAL_MS") {
+            self.metrics_interval_ms = parse_number("metrics_interval_ms", &value)?;
         }
         Ok(self)
     }
@@ -221,7 +247,18 @@ impl Config {
                 "must be at most 60000",
             ));
         }
+        if !(100..=600_000).contains(&self.metrics_interval_ms) {
+            return Err(CoordinatorError::config(
+                "metrics_interval_ms",
+                "must be between 100 and 600000",
+            ));
+        }
         Ok(())
+    }
+
+    /// The metrics interval as a duration.
+    pub fn metrics_interval(&self) -> Duration {
+        Duration::from_millis(self.metrics_interval_ms)
     }
 
     /// The lease as a duration.
@@ -291,6 +328,8 @@ impl fmt::Debug for Config {
             .field("instance_id", &self.instance_id)
             .field("db_pool_size", &self.db_pool_size)
             .field("progress_interval_ms", &self.progress_interval_ms)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("metrics_interval_ms", &self.metrics_interval_ms)
             .finish()
     }
 }
@@ -350,11 +389,32 @@ mod tests {
             .with_overrides(|name| match name {
                 "KOAN_SCHEMA" => Some("other".into()),
                 "KOAN_LEASE_SECONDS" => Some("30".into()),
+                "KOAN_METRICS_ADDR" => Some("0.0.0.0:9464".into()),
+                "KOAN_METRICS_INTERVAL_MS" => Some("250".into()),
                 _ => None,
             })
             .unwrap();
         assert_eq!(config.schema, "other");
         assert_eq!(config.lease_seconds, 30);
+        assert_eq!(config.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(config.metrics_interval(), Duration::from_millis(250));
+        config.validate().unwrap();
+        let mut fast = config.clone();
+        fast.metrics_interval_ms = 10;
+        assert!(
+            fast.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`metrics_interval_ms`")
+        );
+        let off = Config::new("postgres://a@b/c")
+            .with_overrides(|name| (name == "KOAN_METRICS_ADDR").then(|| "off".into()))
+            .unwrap();
+        assert_eq!(off.metrics_addr, None);
+        let error = Config::new("postgres://a@b/c")
+            .with_overrides(|name| (name == "KOAN_METRICS_ADDR").then(|| "port 9464".into()))
+            .unwrap_err();
+        assert!(error.to_string().contains("`metrics_addr`"), "{error}");
         let error = Config::new("postgres://a@b/c")
             .with_overrides(|name| (name == "KOAN_PART_BYTES").then(|| "lots".into()))
             .unwrap_err();

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, info, warn};
 
 use koan_protocol::codec::Message;
 use koan_protocol::jobs::Job;
@@ -19,6 +19,7 @@ use koan_transport::Incoming;
 
 use crate::broker::{Decision, Handler};
 use crate::error::CoordinatorError;
+use crate::metrics::{CoordinatorMetrics, DeadLetterOutcome};
 use crate::store::{Applied, StateStore};
 
 /// RabbitMQ's header naming why a message was first dead-lettered.
@@ -30,12 +31,21 @@ const FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
 #[derive(Debug)]
 pub struct DeadLetters<S> {
     store: Arc<S>,
+    metrics: CoordinatorMetrics,
 }
 
 impl<S: StateStore> DeadLetters<S> {
     /// A handler over `store`.
     pub fn new(store: Arc<S>) -> Self {
-        Self { store }
+        Self {
+            store,
+            metrics: CoordinatorMetrics::disabled(),
+        }
+    }
+
+    /// Counts the messages handled in `metrics`.
+    pub fn with_metrics(self, metrics: CoordinatorMetrics) -> Self {
+        Self { metrics, ..self }
     }
 }
 
@@ -56,15 +66,27 @@ pub fn death_reason(incoming: &Incoming) -> String {
 }
 
 impl<S: StateStore> Handler for DeadLetters<S> {
+    fn span(&self, incoming: &Incoming) -> Span {
+        crate::spans::dead_letter_span(incoming)
+    }
+
     async fn handle(&self, incoming: &Incoming) -> Result<Decision, CoordinatorError> {
         let Ok(job) = koan_protocol::decode::<Job>(&incoming.payload) else {
             debug!(routing_key = %incoming.routing_key, "dead-lettered message is not a job");
+            self.metrics.dead_letter("none", DeadLetterOutcome::NotAJob);
             return Ok(Decision::default());
         };
         let reason = death_reason(incoming);
         let operation_id = job.operation_id();
+        let span = Span::current();
+        span.record("operation_id", tracing::field::display(operation_id));
+        span.record("reason", reason.as_str());
         match self.store.fail_dead_job(&job, &reason).await {
             Ok(Applied::Changed) => {
+                self.metrics
+                    .dead_letter(job.kind(), DeadLetterOutcome::FailedUnit);
+                span.record("outcome", "failed its operation");
+                koan_telemetry::record_failure(&span, "dead_lettered", &reason);
                 info!(%operation_id, kind = job.kind(), %reason, "dead-lettered job failed its operation");
                 Ok(Decision {
                     changed: true,
@@ -72,11 +94,16 @@ impl<S: StateStore> Handler for DeadLetters<S> {
                 })
             }
             Ok(Applied::Unchanged(why)) => {
+                self.metrics
+                    .dead_letter(job.kind(), DeadLetterOutcome::Unchanged);
+                span.record("outcome", why);
                 debug!(%operation_id, kind = job.kind(), %reason, why, "dead-lettered job changed nothing");
                 Ok(Decision::default())
             }
             Err(error) if error.is_retryable() || error.is_transport() => Err(error),
             Err(error) => {
+                self.metrics
+                    .dead_letter(job.kind(), DeadLetterOutcome::Dropped);
                 warn!(%operation_id, kind = job.kind(), code = error.code(), %error,
                     "dead-lettered job could not be applied; dropped");
                 Ok(Decision::default())

@@ -84,6 +84,9 @@ pub enum CoordinatorError {
     /// RabbitMQ failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The metrics endpoint could not start (its message names the address).
+    #[error(transparent)]
+    Metrics(#[from] koan_metrics::MetricsError),
 }
 
 impl CoordinatorError {
@@ -100,6 +103,7 @@ impl CoordinatorError {
             Self::Source { code, .. } => code,
             Self::Protocol(error) => error.code(),
             Self::Transport(_) => "transport",
+            Self::Metrics(_) => "metrics_endpoint",
         }
     }
 
@@ -113,7 +117,8 @@ impl CoordinatorError {
             | Self::DuplicatePlan { .. }
             | Self::CorruptState { .. }
             | Self::InvalidReport(_)
-            | Self::Protocol(_) => false,
+            | Self::Protocol(_)
+            | Self::Metrics(_) => false,
         }
     }
 

@@ -23,7 +23,12 @@
 //!   limit fail the unit they stood for (and so their operation).
 //! - [`broker`]: queues consumed in order and acked after commit and reply;
 //!   the outbox drainer publishing queued jobs and events with confirms.
+//! - [`metrics`]: the coordinator's metrics (pool backlogs, operations by
+//!   state, durations and figures of ended operations, dead letters) and its
+//!   `/metrics` endpoint.
 //! - [`progress`]: percent, ETA, continuation token and the progress report (pure).
+//! - [`spans`]: the span each command, report and dead letter is handled in,
+//!   child of the span that published it (one backup, one trace: `design.md`).
 //! - [`store`]: the backend-neutral [`StateStore`] trait, the rules every
 //!   backend shares (backups in `rules`, restores, replays and verifies in
 //!   `restore_rules`), [`PgStateStore`] (PostgreSQL, migrations in `.sql` files)
@@ -36,10 +41,12 @@ pub mod commands;
 pub mod config;
 pub mod dead_letters;
 pub mod error;
+pub mod metrics;
 pub mod plans;
 pub mod progress;
 pub mod reports;
 pub mod service;
+pub mod spans;
 pub mod store;
 
 pub use commands::{Commands, SourceCatalog};

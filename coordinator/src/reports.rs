@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::{Span, debug, warn};
 
 use koan_protocol::ProtocolError;
 use koan_protocol::codec::Message;
@@ -18,6 +18,7 @@ use koan_transport::{Incoming, Outgoing};
 
 use crate::broker::{Decision, Handler};
 use crate::error::CoordinatorError;
+use crate::spans;
 use crate::store::{Applied, StateStore};
 
 /// Applies worker reports to a state store.
@@ -41,6 +42,10 @@ fn poison(error: &ProtocolError) -> Decision {
 }
 
 impl<S: StateStore> Handler for Reports<S> {
+    fn span(&self, incoming: &Incoming) -> Span {
+        spans::report_span(incoming)
+    }
+
     async fn handle(&self, incoming: &Incoming) -> Result<Decision, CoordinatorError> {
         if incoming.payload.len() > MAX_JOB_BYTES {
             return Ok(poison(&ProtocolError::TooLarge {
@@ -57,8 +62,18 @@ impl<S: StateStore> Handler for Reports<S> {
         };
         let operation_id = event.operation_id();
         let kind = event.kind();
+        let span = Span::current();
+        spans::record_report(&span, &event);
         if let WorkerEvent::ClaimChunk(claim) = &event {
             let decision = self.store.claim_chunk(claim).await?;
+            span.record(
+                "outcome",
+                if decision.granted {
+                    "granted"
+                } else {
+                    "refused"
+                },
+            );
             debug!(%operation_id, entity = %claim.entity, chunk = claim.chunk, attempt = claim.attempt,
                 run = %claim.run, granted = decision.granted, reason = ?decision.reason, "chunk claim");
             let changed = decision.granted;
@@ -70,6 +85,7 @@ impl<S: StateStore> Handler for Reports<S> {
         }
         match self.store.apply(&event).await? {
             Applied::Changed => {
+                span.record("outcome", "applied");
                 debug!(%operation_id, kind, "report applied");
                 Ok(Decision {
                     changed: true,
@@ -77,6 +93,7 @@ impl<S: StateStore> Handler for Reports<S> {
                 })
             }
             Applied::Unchanged(reason) => {
+                span.record("outcome", reason);
                 debug!(%operation_id, kind, reason, "report changed nothing");
                 Ok(Decision::default())
             }

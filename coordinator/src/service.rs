@@ -86,16 +86,18 @@ pub async fn run_with_store<S: StateStore>(
     catalog: Option<SourceCatalog>,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
+    let metrics = crate::metrics::Recording::start(config).await?;
     let coordinator = Coordinator {
         commands: Commands::new(Arc::clone(&store), Arc::new(plans), catalog),
         reports: Reports::new(Arc::clone(&store)),
-        dead_letters: DeadLetters::new(Arc::clone(&store)),
+        dead_letters: DeadLetters::new(Arc::clone(&store)).with_metrics(metrics.metrics().clone()),
         store,
         wake: Notify::new(),
     };
-    let (sessions, ()) = tokio::join!(
+    let (sessions, (), ()) = tokio::join!(
         coordinator.sessions(config, &shutdown),
-        coordinator.keep_leases(&shutdown)
+        coordinator.keep_leases(&shutdown),
+        metrics.observe(coordinator.store.as_ref(), &shutdown)
     );
     info!(instance_id = %config.instance_id, "coordinator stopped");
     sessions

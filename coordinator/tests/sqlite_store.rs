@@ -218,7 +218,7 @@ async fn the_token_secret_is_created_once_per_file() {
             row.get(0)
         })
         .unwrap();
-    assert_eq!(migrations, 1);
+    assert_eq!(migrations, 3, "init, trace_context, metrics: each once");
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |row| row.get(0))
         .unwrap();

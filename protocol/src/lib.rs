@@ -12,6 +12,7 @@
 //! - [`names`]: validated names and SQL quoting; nothing unvalidated reaches SQL or storage.
 //! - [`archive`]: the archive layout (format version 1) and the manifest schema.
 //! - [`token`]: tamper-evident continuation tokens.
+//! - [`trace`]: the W3C trace context carried in message headers.
 //!
 //! Nothing in this crate performs I/O.
 
@@ -26,6 +27,7 @@ pub mod plan;
 pub mod progress;
 pub mod token;
 pub mod topology;
+pub mod trace;
 
 pub use codec::{Message, PROTOCOL_VERSION, decode, encode};
 pub use error::ProtocolError;

@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod data;
+pub mod phoenix;
 pub mod process;
 
 use std::fs::File;
@@ -44,6 +45,7 @@ pub struct Sandbox {
     database: String,
     extra_databases: Vec<String>,
     processes: Vec<Process>,
+    env_overrides: Vec<(String, String)>,
 }
 
 struct Process {
@@ -130,18 +132,37 @@ impl Sandbox {
             storage,
             work_dir,
             processes: Vec::new(),
+            env_overrides: Vec::new(),
         }
     }
 
-    /// Environment every process of this sandbox gets.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+    /// Environment every process of this sandbox gets (with [`Sandbox::set_env`]'s).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
             ("KOAN_AMQP_URL", self.amqp_url.clone()),
             ("KOAN_DATABASE_URL", self.database_url.clone()),
             ("KOAN_SOURCE_URL", self.database_url.clone()),
             ("KOAN_STORAGE_URL", self.storage.display().to_string()),
             ("RUST_LOG", "info,lapin=warn".to_string()),
+            // No metrics endpoint unless a test asks for one: coordinators of
+            // tests running side by side would all want port 9464.
+            ("KOAN_METRICS_ADDR", "off".to_string()),
         ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+        for (name, value) in &self.env_overrides {
+            env.retain(|(existing, _)| existing != name);
+            env.push((name.clone(), value.clone()));
+        }
+        env
+    }
+
+    /// Sets (or replaces) a variable of every process started from now on.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env_overrides.retain(|(existing, _)| existing != name);
+        self.env_overrides
+            .push((name.to_string(), value.to_string()));
     }
 
     /// Creates another database (dropped with the sandbox) and returns its URL.

@@ -6,7 +6,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use tracing::warn;
 
-use koan_protocol::topology::{DEAD_EXCHANGE, DEAD_REASON_HEADER, DEAD_SOURCE_HEADER};
+use koan_protocol::topology::{
+    DEAD_EXCHANGE, DEAD_REASON_HEADER, DEAD_SOURCE_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
+};
+use koan_protocol::trace::TraceContext;
 
 use crate::broker::Broker;
 use crate::error::TransportError;
@@ -190,6 +193,12 @@ impl Incoming {
         }
     }
 
+    /// The W3C trace context it carries (`traceparent`, `tracestate`), if valid.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        let traceparent = self.header(TRACEPARENT_HEADER)?;
+        TraceContext::new(&traceparent, self.header(TRACESTATE_HEADER).as_deref())
+    }
+
     /// Acknowledges: the work it asked for is durable.
     pub async fn ack(&self) -> Result<(), TransportError> {
         match &self.acker {
@@ -217,7 +226,8 @@ impl Incoming {
         }
     }
 
-    /// Moves it to `koan.dead` with a header stating `reason`, then acks it.
+    /// Moves it to `koan.dead` with a header stating `reason` (and its own
+    /// trace context, if it had one), then acks it.
     pub async fn dead_letter(&self, broker: &Broker, reason: &str) -> Result<(), TransportError> {
         let mut copy = Outgoing {
             exchange: DEAD_EXCHANGE.to_string(),
@@ -234,7 +244,8 @@ impl Incoming {
                 DEAD_REASON_HEADER,
                 reason.chars().take(1000).collect::<String>(),
             )
-            .header(DEAD_SOURCE_HEADER, self.queue.clone());
+            .header(DEAD_SOURCE_HEADER, self.queue.clone())
+            .trace(self.trace_context().as_ref());
         broker.publish(&copy).await?;
         self.ack().await
     }

@@ -11,6 +11,10 @@
 //! - [`memory`]: the in-process broker, [`MemoryBroker`].
 //!
 //! Publishing always waits for the broker's confirm; a nack is an error.
+//! Every message carries the W3C trace context (`traceparent`, `tracestate`
+//! headers) of the span publishing it, unless it names one itself
+//! ([`Outgoing::trace`]); [`Incoming::trace_context`] reads it back. Without
+//! trace export there is no context and no such header.
 //! Deliveries are acked by the caller only after its work is durable.
 //!
 //! # The in-process broker

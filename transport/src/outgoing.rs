@@ -6,6 +6,8 @@ use uuid::Uuid;
 
 use koan_protocol::codec::{CONTENT_TYPE, Message};
 use koan_protocol::error::ProtocolError;
+use koan_protocol::topology::TRACEPARENT_HEADER;
+use koan_protocol::trace::TraceContext;
 
 /// One message: where it goes, its body and its AMQP properties.
 #[derive(Debug, Clone)]
@@ -59,10 +61,41 @@ impl Outgoing {
         self
     }
 
+    /// Carries `trace` (its `traceparent` and `tracestate` headers) instead of
+    /// the trace context of the span that publishes it.
+    pub fn trace(mut self, trace: Option<&TraceContext>) -> Self {
+        if let Some(trace) = trace {
+            self.headers.extend(trace.headers());
+        }
+        self
+    }
+
+    /// The trace context the message carries explicitly, if any.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        let header = |name: &str| {
+            self.headers
+                .iter()
+                .find(|(header, _)| header == name)
+                .map(|(_, value)| value.as_str())
+        };
+        TraceContext::from_headers(header)
+    }
+
     /// The AMQP properties: persistent, msgpack, with type, ids and headers.
+    /// A message that carries no `traceparent` of its own gets the trace
+    /// context of the span publishing it (none without trace export).
     pub fn properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
-        for (name, value) in &self.headers {
+        let mut pairs = self.headers.clone();
+        if !self
+            .headers
+            .iter()
+            .any(|(name, _)| name == TRACEPARENT_HEADER)
+            && let Some(trace) = koan_telemetry::current()
+        {
+            pairs.extend(trace.headers());
+        }
+        for (name, value) in &pairs {
             headers.insert(
                 ShortString::from(name.as_str()),
                 AMQPValue::LongString(LongString::from(value.as_str())),

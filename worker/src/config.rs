@@ -1,6 +1,7 @@
 //! Worker configuration: one serde struct, defaults that work on one machine,
 //! `KOAN_*` environment overrides, validation that names the bad field.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,10 @@ pub struct Config {
     /// job back at a part boundary after half of it (see `design.md`).
     #[serde(default = "default_consumer_timeout_seconds")]
     pub consumer_timeout_seconds: u64,
+    /// Where `GET /metrics` (Prometheus text) and `GET /healthz` are served
+    /// (default: not served). Port 0 picks a free port (the bound one is logged).
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn default_amqp_url() -> String {
@@ -137,14 +142,16 @@ impl Config {
             claim_timeout_seconds: default_claim_timeout_seconds(),
             grace_seconds: default_grace_seconds(),
             consumer_timeout_seconds: default_consumer_timeout_seconds(),
+            metrics_addr: None,
         }
     }
 
     /// Applies `KOAN_AMQP_URL`, `KOAN_SOURCE_URL`, `KOAN_STORAGE_URL`,
     /// `KOAN_POOLS` (comma separated), `KOAN_CONCURRENCY`, `KOAN_WORKER_ID`,
     /// `KOAN_PART_BYTES_MAX`, `KOAN_SNAPSHOT_HOLD_MAX_SECONDS`,
-    /// `KOAN_CLAIM_TIMEOUT_SECONDS`, `KOAN_GRACE_SECONDS` and
-    /// `KOAN_CONSUMER_TIMEOUT_SECONDS` from `lookup`
+    /// `KOAN_CLAIM_TIMEOUT_SECONDS`, `KOAN_GRACE_SECONDS`,
+    /// `KOAN_CONSUMER_TIMEOUT_SECONDS` and `KOAN_METRICS_ADDR` (`off` for
+    /// none) from `lookup`
     /// (usually `|name| std::env::var(name).ok()`).
     pub fn apply_env(
         &mut self,
@@ -169,6 +176,13 @@ impl Config {
         }
         if let Some(value) = lookup("KOAN_WORKER_ID") {
             self.worker_id = value;
+        }
+        if let Some(value) = lookup("KOAN_METRICS_ADDR") {
+            self.metrics_addr =
+                koan_metrics::parse_address(&value).map_err(|error| WorkerError::Config {
+                    field: "metrics_addr",
+                    reason: error.to_string(),
+                })?;
         }
         let number = |name: &str, field: &'static str| -> Result<Option<u64>, WorkerError> {
             lookup(name)
@@ -418,6 +432,7 @@ mod tests {
             ("KOAN_POOLS", "a, b"),
             ("KOAN_CONCURRENCY", "7"),
             ("KOAN_STORAGE_URL", "/tmp/x"),
+            ("KOAN_METRICS_ADDR", "127.0.0.1:9465"),
         ];
         config
             .apply_env(|name| {
@@ -429,6 +444,16 @@ mod tests {
         assert_eq!(config.pools, vec!["a".to_string(), "b".to_string()]);
         assert_eq!(config.concurrency, 7);
         assert_eq!(config.storage_url, "/tmp/x");
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9465".parse().unwrap()));
+        config
+            .apply_env(|name| (name == "KOAN_METRICS_ADDR").then(|| "off".to_string()))
+            .unwrap();
+        assert_eq!(config.metrics_addr, None);
+        let error = config
+            .apply_env(|name| (name == "KOAN_METRICS_ADDR").then(|| "9465".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`metrics_addr`"), "{error}");
         let error = config
             .apply_env(|name| (name == "KOAN_GRACE_SECONDS").then(|| "soon".to_string()))
             .unwrap_err()

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use koan_protocol::ProtocolError;
-use koan_protocol::codec::Message;
 use koan_protocol::jobs::{Job, PlanEntity};
 use koan_protocol::plan::Consistency;
 use koan_protocol::topology::{EVENTS_EXCHANGE, MAX_JOB_BYTES, operation_event_key};
@@ -23,6 +22,7 @@ use uuid::Uuid;
 use crate::error::WorkerError;
 use crate::events::BrokerEvents;
 use crate::halts::{HALT_EVENTS, Halts, operation_of};
+use crate::job_span::JobSpan;
 use crate::jobs::apply::apply_restore;
 use crate::jobs::discard::discard_backup;
 use crate::jobs::export::export_chunk_until;
@@ -32,6 +32,7 @@ use crate::jobs::plan_restore::plan_restore;
 use crate::jobs::replay::replay_rows;
 use crate::jobs::verify::verify_backup;
 use crate::jobs::{JobSettings, Outcome, finalize::finalize};
+use crate::metrics::{MeteredEvents, WorkerMetrics};
 
 /// How long a discard waits before sweeping a cancelled backup's prefixes again
 /// (an export may have been completing a part when the `cancelled` event came).
@@ -56,7 +57,12 @@ pub(crate) struct WorkerContext {
     pub(crate) brokers: BrokerWatch,
     /// In-flight export and import jobs, stopped when their operation is paused or cancelled.
     pub(crate) halts: Halts,
+    /// The worker's instruments.
+    pub(crate) metrics: WorkerMetrics,
 }
+
+/// What a job reports through: RabbitMQ, counted by the metrics.
+type JobEvents = MeteredEvents<BrokerEvents>;
 
 /// Decodes a delivery into a job, or says why it cannot be one.
 pub(crate) fn decode_job(payload: &[u8]) -> Result<Job, ProtocolError> {
@@ -80,22 +86,30 @@ pub(crate) async fn handle_delivery(
         Err(error) => {
             let reason = format!("{}: {error}", error.code());
             warn!(queue = %incoming.queue, message_id = ?incoming.message_id, %reason, "dead-lettering a delivery that is not a job");
+            context.metrics.dead_lettered();
             if let Err(error) = incoming.dead_letter(&broker, &reason).await {
                 warn!(%error, "dead-lettering failed; the delivery returns to the queue");
             }
             return;
         }
     };
-    let span = info_span!(
-        "job",
-        kind = job.kind(),
-        operation_id = %job.operation_id(),
-        delivery_count = incoming.delivery_count,
-    );
+    let job_span = Arc::new(JobSpan::start(
+        &job,
+        incoming.delivery_count,
+        incoming.trace_context().as_ref(),
+    ));
+    let span = job_span.span().clone();
     span.in_scope(|| info!("job started"));
-    let result = run_job(&context, &broker, job, incoming.delivery_count)
+    let events = BrokerEvents::for_job(broker.clone(), Arc::clone(&job_span));
+    let events = MeteredEvents::new(events, &context.metrics, &job);
+    let timer = context
+        .metrics
+        .job_started(koan_protocol::codec::Message::kind(&job));
+    let result = run_job(&context, &broker, &events, job, incoming.delivery_count)
         .instrument(span.clone())
         .await;
+    job_span.settled(&result);
+    timer.finish(&result);
     let settled = match result {
         Ok(Outcome::Ack) => incoming.ack().await,
         Ok(Outcome::Requeue) => incoming.requeue().await,
@@ -114,10 +128,11 @@ pub(crate) async fn handle_delivery(
 async fn run_job(
     context: &Arc<WorkerContext>,
     broker: &Arc<Broker>,
+    events: &JobEvents,
     job: Job,
     delivery_count: u32,
 ) -> Result<Outcome, WorkerError> {
-    let events = BrokerEvents::new(broker.clone());
+    let events = events.clone();
     match job {
         Job::PlanEntity(job) => plan_and_hold(context, broker, &events, &job, delivery_count).await,
         Job::ExportChunk(job) => {
@@ -208,7 +223,7 @@ async fn run_job(
 async fn plan_and_hold(
     context: &Arc<WorkerContext>,
     broker: &Broker,
-    events: &BrokerEvents,
+    events: &JobEvents,
     job: &PlanEntity,
     delivery_count: u32,
 ) -> Result<Outcome, WorkerError> {
@@ -244,6 +259,11 @@ async fn plan_and_hold(
             let holding = context.clone();
             let operation_id = job.operation_id;
             let entity = job.entity.name.clone();
+            // A span of its own, not inside the job's: the job span ends with
+            // the job, the hold lasts until the operation ends.
+            let holding_span = info_span!(parent: None, "hold_snapshot", %operation_id,
+                entity = %entity, trace_id = tracing::field::Empty);
+            koan_telemetry::adopt(&holding_span, koan_telemetry::current().as_ref());
             context.tracker.spawn(
                 async move {
                     let shutdown = holding.shutdown.clone();
@@ -257,7 +277,7 @@ async fn plan_and_hold(
                     )
                     .await;
                 }
-                .in_current_span(),
+                .instrument(holding_span),
             );
         }
         (holder, follow) => {

@@ -69,6 +69,9 @@ pub enum WorkerError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The metrics endpoint could not start (its message names the address).
+    #[error(transparent)]
+    Metrics(#[from] koan_metrics::MetricsError),
 }
 
 impl WorkerError {
@@ -85,6 +88,7 @@ impl WorkerError {
             Self::Compress(_) => "compress",
             Self::Manifest(_) => "manifest",
             Self::CorruptPart { .. } => "corrupt_part",
+            Self::Metrics(_) => "metrics_endpoint",
         }
     }
 
@@ -108,7 +112,8 @@ impl WorkerError {
             | Self::InvalidRow { .. }
             | Self::Compress(_)
             | Self::Manifest(_)
-            | Self::CorruptPart { .. } => false,
+            | Self::CorruptPart { .. }
+            | Self::Metrics(_) => false,
         }
     }
 

@@ -15,6 +15,7 @@ use koan_protocol::topology::{EVENTS_EXCHANGE, worker_event_key};
 use koan_transport::{Broker, Outgoing, rpc};
 
 use crate::error::WorkerError;
+use crate::job_span::JobSpan;
 
 /// A sink for worker reports and the chunk-claim request.
 pub trait Events: Send + Sync {
@@ -30,22 +31,44 @@ pub trait Events: Send + Sync {
 }
 
 /// Reports through RabbitMQ, on the connection the job's delivery came from.
+/// Reports of a job carry its span's trace context, and its span records
+/// what they say ([`JobSpan::observe`]).
 #[derive(Debug, Clone)]
 pub struct BrokerEvents {
     broker: Arc<Broker>,
+    job: Option<Arc<JobSpan>>,
 }
 
 impl BrokerEvents {
-    /// Reports through `broker`.
+    /// Reports through `broker`, with the trace context of the publishing span.
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        Self { broker, job: None }
+    }
+
+    /// Reports of the job whose span is `job` through `broker`.
+    pub fn for_job(broker: Arc<Broker>, job: Arc<JobSpan>) -> Self {
+        Self {
+            broker,
+            job: Some(job),
+        }
+    }
+
+    /// `outgoing`, carrying the job span's trace context when there is one.
+    fn traced(&self, outgoing: Outgoing) -> Outgoing {
+        match &self.job {
+            Some(job) => outgoing.trace(job.trace()),
+            None => outgoing,
+        }
     }
 }
 
 impl Events for BrokerEvents {
     async fn publish(&self, event: &WorkerEvent) -> Result<(), WorkerError> {
+        if let Some(job) = &self.job {
+            job.observe(event);
+        }
         let routing_key = worker_event_key(event.operation_id(), event.kind());
-        let outgoing = Outgoing::encode(EVENTS_EXCHANGE, routing_key, event)?;
+        let outgoing = self.traced(Outgoing::encode(EVENTS_EXCHANGE, routing_key, event)?);
         self.broker.publish(&outgoing).await?;
         Ok(())
     }
@@ -57,7 +80,7 @@ impl Events for BrokerEvents {
     ) -> Result<ChunkClaim, WorkerError> {
         let event = WorkerEvent::ClaimChunk(request.clone());
         let routing_key = worker_event_key(request.operation_id, event.kind());
-        let outgoing = Outgoing::encode(EVENTS_EXCHANGE, routing_key, &event)?;
+        let outgoing = self.traced(Outgoing::encode(EVENTS_EXCHANGE, routing_key, &event)?);
         let reply = rpc::request(&self.broker, outgoing, timeout).await?;
         let ClaimReply::ChunkClaim(claim) = koan_protocol::decode::<ClaimReply>(&reply.payload)?;
         Ok(claim)

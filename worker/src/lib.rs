@@ -26,6 +26,11 @@
 //! - [`archive_line`]: parsing an archive line; the diagnostic of one that does not parse.
 //! - [`halts`]: [`Halts`](halts::Halts), in-flight jobs by operation, stopped when it is paused or cancelled.
 //! - [`events`]: the [`Events`] sink jobs report to (RabbitMQ with confirms, or memory).
+//! - [`job_span`]: [`JobSpan`](job_span::JobSpan), the span of one job: child of
+//!   the coordinator span that queued it, filled in from the job's reports.
+//! - [`metrics`]: [`WorkerMetrics`](metrics::WorkerMetrics), rows and bytes
+//!   exported and imported, chunk and job durations, jobs in flight, retries,
+//!   dead letters; counted from confirmed reports by [`MeteredEvents`](metrics::MeteredEvents).
 //! - [`storage`]: archive storage over `object_store` (local directory).
 //! - [`config`]: [`Config`], defaults, `KOAN_*` overrides, validation.
 //! - [`error`]: [`WorkerError`] with codes and retry verdicts.
@@ -43,7 +48,9 @@ mod delivery;
 pub mod error;
 pub mod events;
 pub mod halts;
+pub mod job_span;
 pub mod jobs;
+pub mod metrics;
 pub mod part_reader;
 pub mod service;
 pub mod storage;

@@ -59,6 +59,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         storage_url = %config.storage_url,
         "worker starting"
     );
+    let process_metrics = koan_metrics::global();
+    // Served until `run` returns (dropping the endpoint stops it).
+    let _endpoint = match config.metrics_addr {
+        Some(address) => Some(koan_metrics::serve(address, process_metrics.clone()).await?),
+        None => None,
+    };
     let (brokers_tx, brokers_rx) = watch::channel(None);
     let context = Arc::new(WorkerContext {
         settings: JobSettings::from_config(&config),
@@ -68,6 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         shutdown: shutdown.clone(),
         brokers: brokers_rx,
         halts: crate::halts::Halts::default(),
+        metrics: crate::metrics::WorkerMetrics::new(&process_metrics.meter("koan-worker")),
     });
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let connection_name = format!("koan-worker {}", config.worker_id);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{Instrument, Span, info, warn};
 use uuid::Uuid;
 
 use koan_protocol::commands::{
@@ -176,7 +176,9 @@ impl<S: StateStore> Commands<S> {
             return Ok(refuse("invalid_labels", error));
         }
         if let Some(catalog) = &self.catalog {
-            match catalog.check(&plan).await {
+            let checking = tracing::info_span!("check_catalog", plan = %plan.plan_id,
+                entities = plan.entities.len());
+            match catalog.check(&plan).instrument(checking).await {
                 Ok(()) => {}
                 Err(error @ CoordinatorError::Source { .. }) => {
                     return Ok(refuse(error.code(), error.to_string()));
@@ -198,7 +200,9 @@ impl<S: StateStore> Commands<S> {
                 plan,
                 labels: start.labels,
                 description,
+                trace: koan_telemetry::current(),
             })
+            .instrument(record_operation_span(operation_id))
             .await?;
         info!(operation_id = %submitted.operation_id, %plan_id, existing = submitted.existing, "backup accepted");
         Ok(accepted(
@@ -207,6 +211,12 @@ impl<S: StateStore> Commands<S> {
             Vec::new(),
         ))
     }
+}
+
+/// The span of the state store transaction that records operation
+/// `operation_id` and queues its first jobs.
+fn record_operation_span(operation_id: Uuid) -> tracing::Span {
+    tracing::info_span!("record_operation", %operation_id)
 }
 
 /// `accepted`; a new operation (not `existing`) changed the state store.
@@ -256,7 +266,39 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// The outcome of a command on its span: the operation accepted, or the
+/// rejection as the span's error.
+fn record_answer(span: &Span, reply: &Reply) {
+    match reply {
+        Reply::Accepted(accepted) => {
+            span.record(
+                "operation_id",
+                tracing::field::display(accepted.operation_id),
+            );
+            span.record(
+                "outcome",
+                if accepted.existing {
+                    "accepted again"
+                } else {
+                    "accepted"
+                },
+            );
+        }
+        Reply::Rejected(rejected) => {
+            span.record("outcome", "rejected");
+            koan_telemetry::record_failure(span, &rejected.code, &rejected.error);
+        }
+        _ => {
+            span.record("outcome", "answered");
+        }
+    }
+}
+
 impl<S: StateStore> Handler for Commands<S> {
+    fn span(&self, incoming: &Incoming) -> Span {
+        crate::spans::command_span(incoming)
+    }
+
     async fn handle(&self, incoming: &Incoming) -> Result<Decision, CoordinatorError> {
         let answer = match self
             .answer(&incoming.payload, incoming.message_id.as_deref())
@@ -274,6 +316,7 @@ impl<S: StateStore> Handler for Commands<S> {
         if let Some(reason) = &answer.dead_letter {
             warn!(queue = %incoming.queue, reason = %reason, "undecodable command dead-lettered");
         }
+        record_answer(&Span::current(), &answer.reply);
         Ok(Decision {
             reply: Some(Outgoing::encode("", "", &answer.reply)?),
             dead_letter: answer.dead_letter,

@@ -5,7 +5,7 @@
 //! `unknown_backup`. A restore into another scope than the backup's needs the
 //! target scope named explicitly (tenant isolation), else `cross_scope`.
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use koan_protocol::commands::{
@@ -20,7 +20,9 @@ use crate::store::{
     BackupSource, NewReplay, NewRestore, NewVerify, OperationRole, ReplaySubmission, StateStore,
 };
 
-use super::{Answer, Commands, accepted, check_description, check_labels, refuse};
+use super::{
+    Answer, Commands, accepted, check_description, check_labels, record_operation_span, refuse,
+};
 
 /// Most diagnostics one `diagnostics` reply lists.
 pub const MAX_DIAGNOSTICS_LISTED: u32 = 10_000;
@@ -98,7 +100,9 @@ impl<S: StateStore> Commands<S> {
                 pool: start.pool,
                 labels: start.labels,
                 description: start.description,
+                trace: koan_telemetry::current(),
             })
+            .instrument(record_operation_span(operation_id))
             .await?;
         info!(operation_id = %submitted.operation_id, backup_id = %start.backup_id,
             mode = start.mode.as_str(), existing = submitted.existing, "restore accepted");
@@ -126,13 +130,16 @@ impl<S: StateStore> Commands<S> {
             Ok(backup) => backup,
             Err(refusal) => return Ok(refusal),
         };
+        let operation_id = verify.operation_id.unwrap_or_else(Uuid::now_v7);
         let submitted = self
             .store
             .submit_verify(&NewVerify {
-                operation_id: verify.operation_id.unwrap_or_else(Uuid::now_v7),
+                operation_id,
                 command_id: message_id.map(str::to_string),
                 backup,
+                trace: koan_telemetry::current(),
             })
+            .instrument(record_operation_span(operation_id))
             .await?;
         info!(operation_id = %submitted.operation_id, backup_id = %verify.backup_id,
             existing = submitted.existing, "verify accepted");
@@ -183,13 +190,16 @@ impl<S: StateStore> Commands<S> {
             Ok(restore_id) => restore_id,
             Err(refusal) => return Ok(refusal),
         };
+        let operation_id = replay.replay_id.unwrap_or_else(Uuid::now_v7);
         let submission = self
             .store
             .submit_replay(&NewReplay {
-                operation_id: replay.replay_id.unwrap_or_else(Uuid::now_v7),
+                operation_id,
                 command_id: message_id.map(str::to_string),
                 restore_id,
+                trace: koan_telemetry::current(),
             })
+            .instrument(record_operation_span(operation_id))
             .await?;
         match submission {
             ReplaySubmission::Submitted(submitted) => {

@@ -18,6 +18,7 @@ use koan_protocol::commands::{RestoreMode, RowDiagnostic};
 use koan_protocol::events::{ChunkClaim, ClaimChunk, WorkerEvent};
 use koan_protocol::plan::{BackupPlan, Consistency, EntitySpec};
 use koan_protocol::progress::{OperationKind, OperationState, ProgressReport};
+use koan_protocol::trace::TraceContext;
 
 use crate::config::Config;
 use crate::error::CoordinatorError;
@@ -27,9 +28,11 @@ pub mod pg;
 pub mod restore_rules;
 pub mod rules;
 pub mod sqlite;
+pub mod workload;
 
 pub use pg::PgStateStore;
 pub use sqlite::SqliteStateStore;
+pub use workload::{FinishedOperation, OperationCount, PoolWorkload, Workload};
 
 /// Retries of one chunk (failed runs or expired leases) before its operation fails.
 pub const DEFAULT_MAX_CHUNK_ATTEMPTS: u32 = koan_protocol::topology::JOB_DELIVERY_LIMIT;
@@ -83,6 +86,9 @@ pub struct NewBackup {
     pub labels: BTreeMap<String, String>,
     /// Description given at submission (or the plan's).
     pub description: Option<String>,
+    /// Trace context of the span that accepted the command: every job and
+    /// event of the operation is published with it.
+    pub trace: Option<TraceContext>,
 }
 
 /// A completed backup, as recorded when it ran: what restores and verifies read.
@@ -141,6 +147,9 @@ pub struct NewRestore {
     pub labels: BTreeMap<String, String>,
     /// Description given at submission.
     pub description: Option<String>,
+    /// Trace context of the span that accepted the command: every job and
+    /// event of the operation is published with it.
+    pub trace: Option<TraceContext>,
 }
 
 /// A verify to record: the backup is complete.
@@ -152,6 +161,9 @@ pub struct NewVerify {
     pub command_id: Option<String>,
     /// The backup verified.
     pub backup: BackupSource,
+    /// Trace context of the span that accepted the command: every job and
+    /// event of the operation is published with it.
+    pub trace: Option<TraceContext>,
 }
 
 /// A replay of a restore's unresolved diagnostics to record.
@@ -163,6 +175,9 @@ pub struct NewReplay {
     pub command_id: Option<String>,
     /// The restore whose diagnostics are replayed.
     pub restore_id: Uuid,
+    /// Trace context of the span that accepted the command: every job and
+    /// event of the operation is published with it.
+    pub trace: Option<TraceContext>,
 }
 
 /// The outcome of a replay submission.
@@ -239,6 +254,9 @@ pub struct OutboxMessage {
     pub kind: String,
     /// Envelope bytes.
     pub payload: Vec<u8>,
+    /// The trace context of its operation, published as `traceparent` and
+    /// `tracestate` headers (none when the operation's command had none).
+    pub trace: Option<TraceContext>,
 }
 
 /// Where the outbox drainer hands messages (RabbitMQ in production).
@@ -585,4 +603,18 @@ pub trait StateStore: Send + Sync + 'static {
         sink: &K,
         batch: usize,
     ) -> impl Future<Output = Result<Drained, CoordinatorError>> + Send;
+
+    /// The data jobs waiting and running per pool (of operations planning or
+    /// running) and every operation counted by role and state; read-only,
+    /// for the metrics ([`workload`] says why from the store).
+    fn workload(&self) -> impl Future<Output = Result<Workload, CoordinatorError>> + Send;
+
+    /// Up to `limit` operations that ended and were not taken yet, oldest
+    /// end first, marking them taken: each ended operation is returned once
+    /// per deployment, whichever coordinator asks (for the metrics recorded
+    /// when an operation ends).
+    fn take_finished(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<FinishedOperation>, CoordinatorError>> + Send;
 }

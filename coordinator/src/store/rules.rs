@@ -34,9 +34,12 @@ use crate::store::{Applied, OperationRecord, OperationRole};
 /// Most chunks one entity may be planned into.
 pub const MAX_CHUNKS_PER_ENTITY: usize = 1_000_000;
 
-/// A message to put in the outbox.
+/// A message to put in the outbox. It is queued with the trace context of
+/// its operation (copied from the operation's row at enqueue).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
+    /// The operation it belongs to.
+    pub operation_id: Uuid,
     /// Exchange.
     pub exchange: String,
     /// Routing key.
@@ -51,6 +54,7 @@ impl QueuedMessage {
     /// A job for `pool`.
     pub fn job(pool: &str, job: &Job) -> Result<Self, CoordinatorError> {
         Ok(Self {
+            operation_id: job.operation_id(),
             exchange: JOBS_EXCHANGE.to_string(),
             routing_key: pool.to_string(),
             kind: job.kind().to_string(),
@@ -61,12 +65,22 @@ impl QueuedMessage {
     /// A public event of the operation the event's report names.
     pub fn event(event: &OperationEvent) -> Result<Self, CoordinatorError> {
         Ok(Self {
+            operation_id: event.report().operation_id,
             exchange: EVENTS_EXCHANGE.to_string(),
             routing_key: operation_event_key(event.report().operation_id, event.kind()),
             kind: event.kind().to_string(),
             payload: koan_protocol::encode(event)?,
         })
     }
+}
+
+/// The trace context stored with an operation or outbox message, if any
+/// (a stored value that is not a valid `traceparent` counts as none).
+pub fn stored_trace(
+    traceparent: Option<String>,
+    tracestate: Option<&str>,
+) -> Option<koan_protocol::trace::TraceContext> {
+    koan_protocol::trace::TraceContext::new(&traceparent?, tracestate)
 }
 
 /// One `plan_entity` job per entity of `plan`, each to its entity's pool.

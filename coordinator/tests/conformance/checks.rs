@@ -18,6 +18,7 @@ pub async fn submission_is_idempotent<S: StateStore>(store: &S) {
         plan: plan(),
         labels: BTreeMap::from([("env".to_string(), "test".to_string())]),
         description: Some("nightly".into()),
+        trace: None,
     };
     let first = store.submit_backup(&backup).await.unwrap();
     assert_eq!((first.operation_id, first.existing), (operation_id, false));

@@ -32,6 +32,9 @@ macro_rules! for_each_conformance_check {
             verifies::verify_done_with_and_without_problems,
             restores::reports_for_another_kind_are_invalid,
             dead_jobs::dead_lettered_jobs_fail_their_unit,
+            workload::workload_per_pool_and_ended_operations_once,
+            traces::outbox_messages_carry_their_operations_trace,
+            traces::restores_and_verifies_carry_their_own_trace,
         }
         $commands! {
             requests::unknown_backups_are_refused,

@@ -33,7 +33,9 @@ pub mod lifecycle;
 pub mod replays;
 pub mod requests;
 pub mod restores;
+pub mod traces;
 pub mod verifies;
+pub mod workload;
 
 /// The policy every conformance store is built with: every change announced.
 pub fn policy() -> Policy {
@@ -71,6 +73,7 @@ pub async fn submit<S: StateStore>(store: &S) -> Uuid {
             plan: plan(),
             labels: BTreeMap::from([("env".to_string(), "test".to_string())]),
             description: Some("conformance".into()),
+            trace: None,
         })
         .await
         .expect("submit");
@@ -393,6 +396,7 @@ pub async fn restore<S: StateStore>(
             pool: pool.map(str::to_string),
             labels: BTreeMap::new(),
             description: None,
+            trace: None,
         })
         .await
         .expect("submit restore");

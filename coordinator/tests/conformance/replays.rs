@@ -16,6 +16,7 @@ async fn replay<S: StateStore>(store: &S, restore_id: Uuid) -> ReplaySubmission 
             operation_id: Uuid::now_v7(),
             command_id: None,
             restore_id,
+            trace: None,
         })
         .await
         .expect("submit replay")
@@ -79,6 +80,7 @@ pub async fn replay_resolves_without_duplicates<S: StateStore>(store: &S) {
             operation_id: replay_id,
             command_id: None,
             restore_id,
+            trace: None,
         })
         .await
         .unwrap();

@@ -19,6 +19,7 @@ pub async fn verify_done_with_and_without_problems<S: StateStore>(store: &S) {
             operation_id: whole,
             command_id: Some(format!("verify-{whole}")),
             backup: source.clone(),
+            trace: None,
         })
         .await
         .unwrap();
@@ -28,6 +29,7 @@ pub async fn verify_done_with_and_without_problems<S: StateStore>(store: &S) {
             operation_id: whole,
             command_id: None,
             backup: source.clone(),
+            trace: None,
         })
         .await
         .unwrap();
@@ -78,6 +80,7 @@ pub async fn verify_done_with_and_without_problems<S: StateStore>(store: &S) {
             operation_id: broken,
             command_id: None,
             backup: source.clone(),
+            trace: None,
         })
         .await
         .unwrap();
@@ -108,6 +111,7 @@ pub async fn verify_done_with_and_without_problems<S: StateStore>(store: &S) {
             operation_id: unreadable,
             command_id: None,
             backup: source,
+            trace: None,
         })
         .await
         .unwrap();

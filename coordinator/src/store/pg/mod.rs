@@ -43,6 +43,7 @@ mod outbox;
 mod replays;
 mod restores;
 mod submit;
+mod workload;
 
 use db::get;
 
@@ -67,6 +68,16 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "lifecycle",
         sql: include_str!("migrations/0003_lifecycle.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "trace_context",
+        sql: include_str!("migrations/0004_trace_context.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "metrics",
+        sql: include_str!("migrations/0005_metrics.sql"),
     },
 ];
 
@@ -375,5 +386,16 @@ impl StateStore for PgStateStore {
         batch: usize,
     ) -> Result<Drained, CoordinatorError> {
         outbox::drain(self, sink, batch).await
+    }
+
+    async fn workload(&self) -> Result<crate::store::Workload, CoordinatorError> {
+        workload::workload(self).await
+    }
+
+    async fn take_finished(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<crate::store::FinishedOperation>, CoordinatorError> {
+        workload::take_finished(self, limit).await
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::CoordinatorError;
-use crate::store::rules::QueuedMessage;
+use crate::store::rules::{QueuedMessage, stored_trace};
 use crate::store::{Drained, OutboxMessage, OutboxSink};
 
 use super::PgStateStore;
@@ -17,13 +17,15 @@ const ENQUEUE_BATCH: usize = 1_000;
 /// Operations announced by one flush.
 const FLUSH_BATCH: i64 = 200;
 
-/// Queues `messages`, in order, in the transaction of `db`.
+/// Queues `messages`, in order, in the transaction of `db`, each with the
+/// trace context of its operation.
 pub(super) async fn enqueue(
     db: &Db<'_>,
     messages: &[QueuedMessage],
 ) -> Result<(), CoordinatorError> {
     for batch in messages.chunks(ENQUEUE_BATCH) {
         let message_ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
+        let operation_ids: Vec<Uuid> = batch.iter().map(|message| message.operation_id).collect();
         let exchanges: Vec<&str> = batch
             .iter()
             .map(|message| message.exchange.as_str())
@@ -39,12 +41,23 @@ pub(super) async fn enqueue(
             .collect();
         db.execute(
             "queue messages",
-            "INSERT INTO {s}.outbox (message_id, exchange, routing_key, kind, payload)
-             SELECT message_id, exchange, routing_key, kind, payload
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[])
-                  WITH ORDINALITY AS queued(message_id, exchange, routing_key, kind, payload, position)
-             ORDER BY position",
-            &[&message_ids, &exchanges, &routing_keys, &kinds, &payloads],
+            "INSERT INTO {s}.outbox (message_id, exchange, routing_key, kind, payload,
+                 traceparent, tracestate)
+             SELECT queued.message_id, queued.exchange, queued.routing_key, queued.kind,
+                    queued.payload, operation.traceparent, operation.tracestate
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::uuid[])
+                  WITH ORDINALITY
+                  AS queued(message_id, exchange, routing_key, kind, payload, operation_id, position)
+             LEFT JOIN {s}.operations operation ON operation.id = queued.operation_id
+             ORDER BY queued.position",
+            &[
+                &message_ids,
+                &exchanges,
+                &routing_keys,
+                &kinds,
+                &payloads,
+                &operation_ids,
+            ],
         )
         .await?;
     }
@@ -74,7 +87,7 @@ pub(super) async fn drain<K: OutboxSink>(
     let rows = db
         .query(
             "read outbox",
-            "SELECT id, message_id, exchange, routing_key, kind, payload
+            "SELECT id, message_id, exchange, routing_key, kind, payload, traceparent, tracestate
              FROM {s}.outbox ORDER BY id LIMIT $1",
             &[&limit],
         )
@@ -89,6 +102,10 @@ pub(super) async fn drain<K: OutboxSink>(
             routing_key: get(row, "routing_key")?,
             kind: get(row, "kind")?,
             payload: get(row, "payload")?,
+            trace: stored_trace(
+                get(row, "traceparent")?,
+                get::<Option<String>>(row, "tracestate")?.as_deref(),
+            ),
         };
         if let Err(error) = sink.publish(&message).await {
             failure = Some(error);

@@ -97,6 +97,7 @@ pub(super) async fn submit_restore(
             source_operation: Some(backup.operation_id),
             target_scope: restore.target_scope.as_deref(),
             pool: restore.pool.as_deref(),
+            trace: restore.trace.as_ref(),
         },
     )
     .await?;
@@ -144,6 +145,7 @@ pub(super) async fn submit_verify(
             source_operation: Some(backup.operation_id),
             target_scope: None,
             pool: None,
+            trace: verify.trace.as_ref(),
         },
     )
     .await?;

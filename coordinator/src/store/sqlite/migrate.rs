@@ -24,11 +24,23 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "trace_context",
+        sql: include_str!("migrations/0002_trace_context.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "metrics",
+        sql: include_str!("migrations/0003_metrics.sql"),
+    },
+];
 
 /// Opens (creating it if needed) the database at `path`, or a private
 /// in-memory database when `path` is `None`, and sets it up.

@@ -43,6 +43,7 @@ mod outbox;
 mod replays;
 mod restores;
 mod submit;
+mod workload;
 
 use db::{Db, Shared};
 
@@ -270,5 +271,17 @@ impl StateStore for SqliteStateStore {
         batch: usize,
     ) -> Result<Drained, CoordinatorError> {
         outbox::drain(self, sink, batch).await
+    }
+
+    async fn workload(&self) -> Result<crate::store::Workload, CoordinatorError> {
+        self.read(workload::workload).await
+    }
+
+    async fn take_finished(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<crate::store::FinishedOperation>, CoordinatorError> {
+        self.write(move |db| workload::take_finished(db, limit))
+            .await
     }
 }

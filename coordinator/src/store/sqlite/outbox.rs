@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::CoordinatorError;
-use crate::store::rules::QueuedMessage;
+use crate::store::rules::{QueuedMessage, stored_trace};
 use crate::store::{Drained, OutboxMessage, OutboxSink};
 
 use super::SqliteStateStore;
@@ -54,13 +54,17 @@ impl Drop for DrainTurn {
     }
 }
 
-/// Queues `messages`, in order, in the transaction of `db`.
+/// Queues `messages`, in order, in the transaction of `db`, each with the
+/// trace context of its operation.
 pub(super) fn enqueue(db: &Db<'_>, messages: &[QueuedMessage]) -> Result<(), CoordinatorError> {
     for message in messages {
         db.execute(
             "queue message",
-            "INSERT INTO outbox (message_id, exchange, routing_key, kind, payload, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO outbox (message_id, exchange, routing_key, kind, payload, created_at,
+                 traceparent, tracestate)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, operation.traceparent, operation.tracestate
+             FROM (SELECT ?7 AS id) AS queued
+             LEFT JOIN operations operation ON operation.id = queued.id",
             (
                 text(Uuid::now_v7()),
                 &message.exchange,
@@ -68,6 +72,7 @@ pub(super) fn enqueue(db: &Db<'_>, messages: &[QueuedMessage]) -> Result<(), Coo
                 &message.kind,
                 &message.payload,
                 micros(db.now),
+                text(message.operation_id),
             ),
         )?;
     }
@@ -91,7 +96,8 @@ pub(super) async fn drain<K: OutboxSink>(
         .read(move |db| {
             db.query(
                 "read outbox",
-                "SELECT id, message_id, exchange, routing_key, kind, payload
+                "SELECT id, message_id, exchange, routing_key, kind, payload,
+                        traceparent, tracestate
                  FROM outbox ORDER BY id LIMIT ?1",
                 [limit],
                 |row| {
@@ -102,6 +108,10 @@ pub(super) async fn drain<K: OutboxSink>(
                         routing_key: get(row, "routing_key")?,
                         kind: get(row, "kind")?,
                         payload: get(row, "payload")?,
+                        trace: stored_trace(
+                            get(row, "traceparent")?,
+                            get::<Option<String>>(row, "tracestate")?.as_deref(),
+                        ),
                     })
                 },
             )

@@ -94,6 +94,7 @@ pub(super) fn submit_replay(
             source_operation: Some(restore_id),
             target_scope: restore.target_scope.as_deref(),
             pool: restore.pool.as_deref(),
+            trace: replay.trace.as_ref(),
         },
     )?;
     if submitted.existing {

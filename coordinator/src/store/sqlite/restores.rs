@@ -89,6 +89,7 @@ pub(super) fn submit_restore(
             source_operation: Some(backup.operation_id),
             target_scope: restore.target_scope.as_deref(),
             pool: restore.pool.as_deref(),
+            trace: restore.trace.as_ref(),
         },
     )?;
     if submitted.existing {
@@ -130,6 +131,7 @@ pub(super) fn submit_verify(
             source_operation: Some(backup.operation_id),
             target_scope: None,
             pool: None,
+            trace: verify.trace.as_ref(),
         },
     )?;
     if submitted.existing {

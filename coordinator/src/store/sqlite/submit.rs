@@ -9,6 +9,7 @@ use uuid::Uuid;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::plan::{Consistency, EntitySpec};
 use koan_protocol::progress::{OperationState, ProgressReport};
+use koan_protocol::trace::TraceContext;
 
 use crate::error::CoordinatorError;
 use crate::progress;
@@ -70,6 +71,7 @@ pub(super) fn submit_backup(
             source_operation: None,
             target_scope: None,
             pool: None,
+            trace: backup.trace.as_ref(),
         },
     )?;
     if submitted.existing {
@@ -99,6 +101,7 @@ pub(super) struct OperationInsert<'a> {
     pub source_operation: Option<Uuid>,
     pub target_scope: Option<&'a str>,
     pub pool: Option<&'a str>,
+    pub trace: Option<&'a TraceContext>,
 }
 
 /// Inserts an operation; when its id or command id is known already, inserts
@@ -111,8 +114,9 @@ pub(super) fn insert_operation(
         "record operation",
         "INSERT INTO operations (id, kind, state, plan, plan_id, backup_id, consistency,
              labels, description, command_id, entities_total, created_at, updated_at,
-             mode, source_operation, target_scope, pool)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15, ?16)
+             mode, source_operation, target_scope, pool, traceparent, tracestate)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14, ?15, ?16,
+                 ?17, ?18)
          ON CONFLICT DO NOTHING",
         rusqlite::params![
             text(operation.id),
@@ -131,6 +135,8 @@ pub(super) fn insert_operation(
             operation.source_operation.map(text),
             operation.target_scope,
             operation.pool,
+            operation.trace.map(TraceContext::traceparent),
+            operation.trace.and_then(TraceContext::tracestate),
         ],
     )?;
     if inserted > 0 {
