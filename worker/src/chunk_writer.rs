@@ -6,8 +6,9 @@
 //! them with an `object_store` multipart upload in [`UPLOAD_CHUNK_BYTES`]
 //! pieces, waiting for upload capacity before handing over more (backpressure
 //! reaches the row stream). Memory stays bounded whatever the part size: one
-//! line buffer (reused, as large as the largest row), the zstd context (about
-//! 1 MiB at level 3), [`COMPRESSED_FLUSH_BYTES`] of compressed output, the
+//! line buffer (reused, as large as the largest row), [`LINE_BATCH_BYTES`] of
+//! lines handed to zstd at once (one call per batch, not per row), the zstd
+//! context, [`COMPRESSED_FLUSH_BYTES`] of compressed output, the
 //! upload piece being filled and at most two pieces in flight. The object
 //! appears in storage only when [`PartWriter::finish`] completes the upload.
 
@@ -20,8 +21,12 @@ use object_store::WriteMultipart;
 use crate::error::WorkerError;
 use crate::storage::Storage;
 
-/// zstd level of every part: 3 is zstd's default, a good speed/ratio balance for JSON.
-pub const ZSTD_LEVEL: i32 = 3;
+/// zstd level of every part: 1, the fastest standard level. Compressing is
+/// most of a worker's CPU, and level 3 buys only a few percent of size on
+/// JSON lines (see bench/RESULTS.md).
+pub const ZSTD_LEVEL: i32 = 1;
+/// JSON lines gathered before they are handed to zstd in one call.
+pub const LINE_BATCH_BYTES: usize = 64 * 1024;
 /// Size of the pieces a part is uploaded in.
 pub const UPLOAD_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Compressed bytes gathered before they are hashed and handed to the upload.
@@ -122,6 +127,8 @@ pub struct PartWriter {
     upload: WriteMultipart,
     hasher: blake3::Hasher,
     line: Vec<u8>,
+    /// Lines not yet handed to zstd.
+    batch: Vec<u8>,
     rows: u64,
     raw_bytes: u64,
     compressed_bytes: u64,
@@ -164,6 +171,7 @@ impl PartWriter {
             upload,
             hasher: blake3::Hasher::new(),
             line: Vec::with_capacity(4096),
+            batch: Vec::with_capacity(LINE_BATCH_BYTES + 4096),
             rows: 0,
             raw_bytes: 0,
             compressed_bytes: 0,
@@ -188,9 +196,10 @@ impl PartWriter {
             version,
             doc,
         )?;
-        self.encoder
-            .write_all(&self.line)
-            .map_err(WorkerError::Compress)?;
+        self.batch.extend_from_slice(&self.line);
+        if self.batch.len() >= LINE_BATCH_BYTES {
+            self.compress_batch()?;
+        }
         let line_bytes = self.line.len() as u64;
         self.rows += 1;
         self.raw_bytes += line_bytes;
@@ -220,6 +229,15 @@ impl PartWriter {
         self.raw_bytes
     }
 
+    /// Hands the gathered lines to zstd.
+    fn compress_batch(&mut self) -> Result<(), WorkerError> {
+        self.encoder
+            .write_all(&self.batch)
+            .map_err(WorkerError::Compress)?;
+        self.batch.clear();
+        Ok(())
+    }
+
     async fn flush_compressed(&mut self) -> Result<(), WorkerError> {
         self.upload
             .wait_for_capacity(UPLOADS_IN_FLIGHT)
@@ -236,6 +254,10 @@ impl PartWriter {
     /// Ends the zstd frame, completes the upload (the object appears now) and
     /// describes the part. On error the upload is aborted.
     pub async fn finish(mut self) -> Result<PartInfo, WorkerError> {
+        if let Err(error) = self.compress_batch() {
+            self.abort().await;
+            return Err(error);
+        }
         if let Err(error) = self.encoder.do_finish() {
             self.abort().await;
             return Err(WorkerError::Compress(error));
