@@ -18,7 +18,7 @@ use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
 use crate::store::rules::QueuedMessage;
-use crate::store::{BackupSource, OperationRole};
+use crate::store::{BackupSource, OperationRecord, OperationRole};
 
 /// Most lines one `replay_rows` job carries.
 pub const REPLAY_BATCH_LINES: usize = 500;
@@ -80,6 +80,13 @@ pub fn verify_job(
     QueuedMessage::job(backup.first_pool(), &job)
 }
 
+/// The mode of the restore operation `record` (every restore has one).
+pub fn restore_mode(record: &OperationRecord) -> Result<RestoreMode, CoordinatorError> {
+    record
+        .mode
+        .ok_or_else(|| CoordinatorError::corrupt("restore", "no mode"))
+}
+
 /// What every job of one restore shares.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreContext<'a> {
@@ -93,7 +100,17 @@ pub struct RestoreContext<'a> {
     pub pool: Option<&'a str>,
 }
 
-impl RestoreContext<'_> {
+impl<'a> RestoreContext<'a> {
+    /// The context of the restore operation `record`.
+    pub fn of(record: &'a OperationRecord) -> Result<Self, CoordinatorError> {
+        Ok(Self {
+            operation_id: record.id,
+            mode: restore_mode(record)?,
+            target_scope: record.target_scope.as_deref(),
+            pool: record.pool.as_deref(),
+        })
+    }
+
     fn target(&self, staging_table: Option<&str>) -> RestoreTarget {
         RestoreTarget {
             mode: self.mode,

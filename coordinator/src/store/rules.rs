@@ -25,11 +25,50 @@ use koan_protocol::jobs::{ExportChunk, Finalize, Job, PlanEntity};
 use koan_protocol::plan::{BackupPlan, Consistency, EntitySpec};
 use koan_protocol::progress::{OperationState, ProgressReport};
 use koan_protocol::topology::{EVENTS_EXCHANGE, JOBS_EXCHANGE, operation_event_key};
+use koan_protocol::trace::TraceContext;
 
 use crate::error::CoordinatorError;
 use crate::progress::{self, Counters};
 use crate::store::restore_rules::{operation_failure, verify_failure};
 use crate::store::{Applied, OperationRecord, OperationRole};
+
+/// An operation to record, as every backend inserts it; `P` is how the
+/// backend holds the plan (a JSON value, or JSON text).
+#[derive(Debug)]
+pub struct OperationInsert<'a, P: ?Sized> {
+    /// Operation id.
+    pub id: Uuid,
+    /// Backup, restore, replay or verify.
+    pub role: OperationRole,
+    /// State it starts in.
+    pub state: OperationState,
+    /// The plan (of the backup, for every other kind).
+    pub plan: &'a P,
+    /// The plan's id.
+    pub plan_id: &'a str,
+    /// The backup written or read.
+    pub backup_id: Uuid,
+    /// The plan's consistency.
+    pub consistency: Consistency,
+    /// Labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Free text.
+    pub description: Option<&'a str>,
+    /// The submitting command's message id.
+    pub command_id: Option<&'a str>,
+    /// Entities the operation covers.
+    pub entities_total: u64,
+    /// Restore mode (restores and replays).
+    pub mode: Option<RestoreMode>,
+    /// The operation this one reads (a restore's backup, a replay's restore).
+    pub source_operation: Option<Uuid>,
+    /// Scope rows are re-stamped with.
+    pub target_scope: Option<&'a str>,
+    /// Pool overriding each entity's.
+    pub pool: Option<&'a str>,
+    /// Trace context of the submitting command.
+    pub trace: Option<&'a TraceContext>,
+}
 
 /// Most chunks one entity may be planned into.
 pub const MAX_CHUNKS_PER_ENTITY: usize = 1_000_000;

@@ -14,7 +14,7 @@ use koan_protocol::progress::OperationState;
 
 use crate::error::CoordinatorError;
 use crate::store::restore_rules::{
-    RestoreContext, apply_job, check_restore_plan, import_failure, import_job,
+    RestoreContext, apply_job, check_restore_plan, import_failure, import_job, restore_mode,
 };
 use crate::store::{Applied, EntityState};
 
@@ -22,22 +22,6 @@ use super::db::{Db, get, int, int4, uint, uint4};
 use super::diagnostics::record_failures;
 use super::operations::{OperationRow, fail};
 use super::outbox::enqueue;
-
-fn mode_of(operation: &OperationRow) -> Result<RestoreMode, CoordinatorError> {
-    operation
-        .record
-        .mode
-        .ok_or_else(|| CoordinatorError::corrupt("restore", "no mode"))
-}
-
-fn context_of(operation: &OperationRow) -> Result<RestoreContext<'_>, CoordinatorError> {
-    Ok(RestoreContext {
-        operation_id: operation.record.id,
-        mode: mode_of(operation)?,
-        target_scope: operation.record.target_scope.as_deref(),
-        pool: operation.record.pool.as_deref(),
-    })
-}
 
 /// Records one unit per part and queues its import job; the first report wins.
 pub(super) async fn restore_planned(
@@ -59,7 +43,7 @@ pub(super) async fn restore_planned(
         .iter()
         .map(|row| get::<String>(row, "name"))
         .collect::<Result<Vec<_>, _>>()?;
-    let context = context_of(operation)?;
+    let context = RestoreContext::of(&operation.record)?;
     let replace = context.mode == RestoreMode::Replace;
     check_restore_plan(context.mode, &recorded, planned)?;
 
@@ -204,7 +188,7 @@ pub(super) async fn part_imported(
     if operation.record.state != OperationState::Running {
         return Ok(Applied::Unchanged("restore is not importing"));
     }
-    let replace = mode_of(operation)? == RestoreMode::Replace;
+    let replace = restore_mode(&operation.record)? == RestoreMode::Replace;
     let unit = lock_unit(db, operation, &report.entity, report.unit).await?;
     if unit.state != "pending" {
         return Ok(Applied::Unchanged("part already imported"));
@@ -383,7 +367,7 @@ async fn after_imports(db: &Db<'_>, operation: &mut OperationRow) -> Result<(), 
     if record.state != OperationState::Running || record.chunks_done < record.chunks_total {
         return Ok(());
     }
-    let context = context_of(operation)?;
+    let context = RestoreContext::of(&operation.record)?;
     if context.mode != RestoreMode::Replace {
         operation.record.state = OperationState::Completed;
         return Ok(());

@@ -2,18 +2,19 @@
 //! jobs here; restores, verifies and replays build on the same helpers),
 //! status and listings.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use koan_protocol::commands::RestoreMode;
-use koan_protocol::plan::{Consistency, EntitySpec};
+use koan_protocol::plan::EntitySpec;
 use koan_protocol::progress::{OperationState, ProgressReport};
 use koan_protocol::trace::TraceContext;
 
 use crate::error::CoordinatorError;
 use crate::progress;
+pub(super) use crate::store::rules::OperationInsert;
 use crate::store::rules::plan_jobs;
 use crate::store::{EntityState, NewBackup, OperationRecord, OperationRole, StateStore, Submitted};
 
@@ -91,31 +92,11 @@ pub(super) async fn submit_backup(
     Ok(submitted)
 }
 
-/// A new operation row.
-pub(super) struct OperationInsert<'a> {
-    pub id: Uuid,
-    pub role: OperationRole,
-    pub state: OperationState,
-    pub plan: &'a serde_json::Value,
-    pub plan_id: &'a str,
-    pub backup_id: Uuid,
-    pub consistency: Consistency,
-    pub labels: &'a BTreeMap<String, String>,
-    pub description: Option<&'a str>,
-    pub command_id: Option<&'a str>,
-    pub entities_total: u64,
-    pub mode: Option<RestoreMode>,
-    pub source_operation: Option<Uuid>,
-    pub target_scope: Option<&'a str>,
-    pub pool: Option<&'a str>,
-    pub trace: Option<&'a TraceContext>,
-}
-
 /// Inserts an operation; when its id or command id is known already, inserts
 /// nothing and names the existing operation.
 pub(super) async fn insert_operation(
     db: &Db<'_>,
-    operation: &OperationInsert<'_>,
+    operation: &OperationInsert<'_, serde_json::Value>,
 ) -> Result<Submitted, CoordinatorError> {
     let inserted = db
         .execute(

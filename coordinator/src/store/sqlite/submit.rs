@@ -2,17 +2,18 @@
 //! jobs here; restores, verifies and replays build on the same helpers),
 //! status and listings.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
 use koan_protocol::commands::RestoreMode;
-use koan_protocol::plan::{Consistency, EntitySpec};
+use koan_protocol::plan::EntitySpec;
 use koan_protocol::progress::{OperationState, ProgressReport};
 use koan_protocol::trace::TraceContext;
 
 use crate::error::CoordinatorError;
 use crate::progress;
+pub(super) use crate::store::rules::OperationInsert;
 use crate::store::rules::plan_jobs;
 use crate::store::{
     EntityRecord, EntityState, NewBackup, OperationRecord, OperationRole, Submitted,
@@ -83,32 +84,11 @@ pub(super) fn submit_backup(
     Ok(submitted)
 }
 
-/// A new operation row.
-pub(super) struct OperationInsert<'a> {
-    pub id: Uuid,
-    pub role: OperationRole,
-    pub state: OperationState,
-    /// The plan, as JSON text.
-    pub plan: &'a str,
-    pub plan_id: &'a str,
-    pub backup_id: Uuid,
-    pub consistency: Consistency,
-    pub labels: &'a BTreeMap<String, String>,
-    pub description: Option<&'a str>,
-    pub command_id: Option<&'a str>,
-    pub entities_total: u64,
-    pub mode: Option<RestoreMode>,
-    pub source_operation: Option<Uuid>,
-    pub target_scope: Option<&'a str>,
-    pub pool: Option<&'a str>,
-    pub trace: Option<&'a TraceContext>,
-}
-
 /// Inserts an operation; when its id or command id is known already, inserts
 /// nothing and names the existing operation.
 pub(super) fn insert_operation(
     db: &Db<'_>,
-    operation: &OperationInsert<'_>,
+    operation: &OperationInsert<'_, str>,
 ) -> Result<Submitted, CoordinatorError> {
     let inserted = db.execute(
         "record operation",
