@@ -81,6 +81,8 @@ pub struct ImportOutcome {
 pub struct ApplyOutcome {
     /// Staged rows written into the target.
     pub rows_written: u64,
+    /// Staged rows left out: a key staged more than once is written once.
+    pub rows_skipped: u64,
     /// Rows of the scope removed first.
     pub rows_removed: u64,
     /// Staged rows that could not be written, isolated from the rest.

@@ -2,11 +2,18 @@
 //!
 //! An [`ImportSession`] owns a pooled connection inside a read-write
 //! transaction. Rows are streamed with binary `COPY ... FROM STDIN` into a
-//! `TEMP` table of text columns (`ON COMMIT DROP`), so no value can break the
-//! `COPY`; [`ImportSession::commit`] then writes them with one set-based
-//! statement (row isolation finds failing rows) and commits. Nothing is
-//! written unless the commit succeeds. Memory stays bounded: rows are encoded
-//! into a buffer sent every [`FLUSH_BYTES`], and the driver's channel pushes back.
+//! table of text columns, so no value can break the `COPY`:
+//!
+//! - into the target: a `TEMP` table (`ON COMMIT DROP`), which
+//!   [`ImportSession::commit`] then writes with one set-based statement (row
+//!   isolation finds failing rows);
+//! - into a `replace` staging table: the rows land there as they are, and
+//!   `commit` records the part's marker row; casts, re-stamping and row
+//!   isolation happen once, when the staged rows are applied.
+//!
+//! Nothing is written unless the commit succeeds. Memory stays bounded: rows
+//! are encoded into a buffer sent every [`FLUSH_BYTES`], and the driver's
+//! channel pushes back.
 
 use std::fmt;
 use std::pin::Pin;
@@ -20,7 +27,7 @@ use tokio_postgres::CopyInSink;
 
 use crate::error::SourceError;
 use crate::postgres::isolate::{Written, write_rows};
-use crate::postgres::merge::{IMPORT_COPY, IMPORT_SETUP, MergeSql, RowsFrom, WriteTo};
+use crate::postgres::merge::{IMPORT_COPY, IMPORT_SETUP, MergeSql, RowsFrom};
 use crate::postgres::session::Session;
 use crate::rows::{ImportLine, ImportOutcome, sort_failures};
 
@@ -57,6 +64,8 @@ pub struct ImportSession {
     destination: Destination,
     context: String,
     staged: u64,
+    /// The part of the first row pushed (a staging import is one part).
+    part: Option<String>,
     local_failures: Vec<RowFailure>,
     /// The first failure (message, retryable): every later call fails with it.
     failure: Option<(String, bool)>,
@@ -88,9 +97,15 @@ impl ImportSession {
             session.end_failed(&error).await;
             return Err(error);
         }
-        let copy = match session.client().batch_execute(IMPORT_SETUP).await {
-            Ok(()) => session.client().copy_in(IMPORT_COPY).await,
-            Err(error) => Err(error),
+        let copy = match &destination {
+            Destination::Target(_) => match session.client().batch_execute(IMPORT_SETUP).await {
+                Ok(()) => session.client().copy_in(IMPORT_COPY).await,
+                Err(error) => Err(error),
+            },
+            Destination::Staging(table) => {
+                let statement = sql.staging_copy_statement(table);
+                session.client().copy_in(&statement).await
+            }
         };
         let copy = match copy {
             Ok(copy) => copy,
@@ -110,6 +125,7 @@ impl ImportSession {
             destination,
             context,
             staged: 0,
+            part: None,
             local_failures: Vec::new(),
             failure: None,
         })
@@ -131,8 +147,16 @@ impl ImportSession {
             });
             return Ok(());
         }
-        let seq = i64::try_from(self.staged).unwrap_or(i64::MAX);
-        encode_row(&mut self.buffer, seq, line);
+        match self.destination {
+            Destination::Target(_) => {
+                let seq = i64::try_from(self.staged).unwrap_or(i64::MAX);
+                encode_row(&mut self.buffer, seq, line);
+            }
+            Destination::Staging(_) => encode_staged_row(&mut self.buffer, line),
+        }
+        if self.part.is_none() {
+            self.part = Some(line.part.to_string());
+        }
         self.staged += 1;
         if self.buffer.len() >= FLUSH_BYTES {
             self.flush().await?;
@@ -184,28 +208,48 @@ impl ImportSession {
             session.end_failed(&mapped).await;
             return Err(mapped);
         }
-        let written = if self.staged == 0 {
-            Written::default()
-        } else {
-            let to = match &self.destination {
-                Destination::Target(mode) => WriteTo::Target(*mode),
-                Destination::Staging(table) => WriteTo::Staging(table),
-            };
-            let range = (0, i64::try_from(self.staged).unwrap_or(i64::MAX));
-            let result = write_rows(
-                session.client(),
-                &self.sql,
-                RowsFrom::Import,
-                to,
-                range,
-                &self.context,
-            )
-            .await;
-            match result {
-                Ok(written) => written,
-                Err(error) => {
-                    session.end_failed(&error).await;
-                    return Err(error);
+        let written = match (&self.destination, &self.part) {
+            (_, None) => Written::default(),
+            (Destination::Target(mode), Some(_)) => {
+                let range = (0, i64::try_from(self.staged).unwrap_or(i64::MAX));
+                let result = write_rows(
+                    session.client(),
+                    &self.sql,
+                    RowsFrom::Import,
+                    &self.sql.write_statement(RowsFrom::Import, *mode),
+                    range,
+                    &self.context,
+                )
+                .await;
+                match result {
+                    Ok(written) => written,
+                    Err(error) => {
+                        session.end_failed(&error).await;
+                        return Err(error);
+                    }
+                }
+            }
+            (Destination::Staging(table), Some(part)) => {
+                let marker = self.sql.staging_marker_statement(table);
+                match session.client().execute(&marker, &[part]).await {
+                    // Staged now, or by an earlier import of the same part
+                    // whose rows are already there: the same outcome.
+                    Ok(marked) => {
+                        if marked == 0 {
+                            session.abort().await;
+                            tracing::debug!(context = %self.context, %part, "part already staged");
+                            return Ok(self.staged_outcome());
+                        }
+                        Written {
+                            rows_written: self.staged,
+                            failures: Vec::new(),
+                        }
+                    }
+                    Err(error) => {
+                        let mapped = SourceError::query(self.context.clone(), error);
+                        session.end_failed(&mapped).await;
+                        return Err(mapped);
+                    }
                 }
             }
         };
@@ -228,6 +272,18 @@ impl ImportSession {
             "import committed"
         );
         Ok(outcome)
+    }
+
+    /// A staging import's outcome: every row sent is staged; casts and
+    /// conflicts are judged when the staged rows are applied.
+    fn staged_outcome(&mut self) -> ImportOutcome {
+        let mut failures = std::mem::take(&mut self.local_failures);
+        sort_failures(&mut failures);
+        ImportOutcome {
+            rows_written: self.staged,
+            rows_skipped: 0,
+            failures,
+        }
     }
 
     async fn flush(&mut self) -> Result<(), SourceError> {
@@ -313,6 +369,21 @@ fn encode_row(buffer: &mut BytesMut, seq: i64, line: &ImportLine<'_>) {
     put_text(buffer, line.doc);
     put_bigint(buffer, i64::try_from(line.line_no).unwrap_or(i64::MAX));
     put_text(buffer, line.raw);
+    put_text(buffer, line.part);
+}
+
+/// One binary `COPY` tuple of a staging table: `k, v, d, line_no, part`
+/// (`seq` is the table's own sequence; no raw line is kept).
+fn encode_staged_row(buffer: &mut BytesMut, line: &ImportLine<'_>) {
+    buffer.reserve(48 + line.key.len() + line.doc.len() + line.part.len());
+    buffer.put_i16(5);
+    put_text(buffer, line.key);
+    match line.version {
+        Some(version) => put_text(buffer, version),
+        None => buffer.put_i32(-1),
+    }
+    put_text(buffer, line.doc);
+    put_bigint(buffer, i64::try_from(line.line_no).unwrap_or(i64::MAX));
     put_text(buffer, line.part);
 }
 

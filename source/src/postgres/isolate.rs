@@ -14,7 +14,7 @@ use koan_protocol::events::RowFailure;
 use tokio_postgres::Client;
 
 use crate::error::SourceError;
-use crate::postgres::merge::{MergeSql, RowsFrom, WriteTo};
+use crate::postgres::merge::{MergeSql, RowsFrom};
 use crate::rows::sort_failures;
 
 /// Longest failure reason kept (the raw line is kept separately).
@@ -29,23 +29,23 @@ pub(crate) struct Written {
     pub(crate) failures: Vec<RowFailure>,
 }
 
-/// Writes the rows `seq` in `[lo, hi)` of `rows` to `to`, isolating failing rows.
+/// Runs `statement` (a [`MergeSql`] write statement over `rows`) on the rows
+/// `seq` in `[lo, hi)`, isolating failing rows.
 /// The client must be inside a transaction.
 pub(crate) async fn write_rows(
     client: &Client,
     sql: &MergeSql,
     rows: RowsFrom<'_>,
-    to: WriteTo<'_>,
+    statement: &str,
     (lo, hi): (i64, i64),
     context: &str,
 ) -> Result<Written, SourceError> {
-    let statement = sql.write_statement(rows, to);
     let mut written = Written::default();
     let mut pending = vec![(lo, hi)];
     let mut isolating = false;
     while let Some((lo, hi)) = pending.pop() {
         execute(client, "SAVEPOINT koan_rows", context).await?;
-        match client.query(&statement, &[&lo, &hi]).await {
+        match client.query(statement, &[&lo, &hi]).await {
             Ok(result) => {
                 execute(client, "RELEASE SAVEPOINT koan_rows", context).await?;
                 for row in result {

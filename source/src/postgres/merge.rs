@@ -1,8 +1,8 @@
 //! SQL text of restores: the tables a restore creates, and the statements that
 //! write imported or staged rows into a target. Pure functions, unit-tested.
 //!
-//! Rows come from the import's `TEMP` table (all text, fed by `COPY`) or from
-//! a `replace` staging table (typed). A write statement takes the `seq` range
+//! Rows come from the import's `TEMP` table or from a `replace` staging table:
+//! both are all text, fed by binary `COPY`. A write statement takes the `seq` range
 //! `[$1, $2)` of the rows to write, so row isolation can retry any sub-range.
 //! It returns one row per scope conflict, `(seq, key, line_no, part, raw,
 //! found_scope, NULL)`, then one row `(NULL, ..., rows written)`.
@@ -38,16 +38,8 @@ pub(crate) const COLUMNS_QUERY: &str = "SELECT a.attname::text FROM pg_catalog.p
 pub(crate) enum RowsFrom<'a> {
     /// The import's text table `pg_temp.koan_import`.
     Import,
-    /// A `replace` staging table (typed key, `jsonb` document), in the target's schema.
-    Staging(&'a str),
-}
-
-/// Where a write statement writes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WriteTo<'a> {
-    /// The target table, reconciling per mode (`replace`: plain inserts).
-    Target(RestoreMode),
-    /// A `replace` staging table; a key staged twice keeps its first row.
+    /// A `replace` staging table in the target's schema: the same text
+    /// columns, plus one marker row per staged part (`k IS NULL`).
     Staging(&'a str),
 }
 
@@ -160,23 +152,28 @@ impl MergeSql {
             || (self.restamp && matches!(self.scope_match, ScopeMatch::Field(_)))
     }
 
-    /// Writes the rows `seq` in `[$1, $2)` of `rows` to `to`.
-    pub(crate) fn write_statement(&self, rows: RowsFrom<'_>, to: WriteTo<'_>) -> String {
-        let source = self.source_rows(rows, to);
-        let insert = match to {
-            WriteTo::Target(mode) => self.insert_into_target(mode),
-            WriteTo::Staging(table) => format!(
-                "INSERT INTO {}.{} AS t (k, v, d, line_no, raw, part) \
-                 SELECT src.key, src.ver, src.doc, src.line_no, src.raw, src.part FROM src \
-                 ON CONFLICT (k) DO NOTHING RETURNING 1",
-                self.schema,
-                quote_ident(table)
-            ),
-        };
+    /// Writes the rows `seq` in `[$1, $2)` of `rows` into the target, per
+    /// `mode` (`replace`: plain inserts into the emptied scope).
+    pub(crate) fn write_statement(&self, rows: RowsFrom<'_>, mode: RestoreMode) -> String {
+        self.write_into(rows, Some(mode))
+    }
+
+    /// `replace` into a target that is empty and has no key index for now
+    /// (see `restore.rs`): plain inserts of every staged row, with no
+    /// deduplication, arbiter or scope conflicts. The key constraint, added
+    /// back afterwards, fails if a key came twice, and the rows are then
+    /// written again with [`Self::write_statement`].
+    pub(crate) fn load_statement(&self, rows: RowsFrom<'_>) -> String {
+        self.write_into(rows, None)
+    }
+
+    fn write_into(&self, rows: RowsFrom<'_>, mode: Option<RestoreMode>) -> String {
+        let source = self.source_rows(rows, mode.is_some());
+        let insert = self.insert_into_target(mode);
         let count = "SELECT NULL::bigint, NULL::text, NULL::bigint, NULL::text, NULL::text, \
                      NULL::text, count(*) FROM written";
-        match (to, &self.scope) {
-            (WriteTo::Target(_), Some(scope)) => {
+        match self.scope.as_ref().filter(|_| mode.is_some()) {
+            Some(scope) => {
                 let found = self.target_scope_expr();
                 format!(
                     "WITH src AS ({source}), \
@@ -194,28 +191,26 @@ impl MergeSql {
         }
     }
 
-    /// The rows to write, one per key (the last line wins within an import).
-    /// Rows stay in `seq` order: an archive part is in key order already.
-    fn source_rows(&self, rows: RowsFrom<'_>, to: WriteTo<'_>) -> String {
-        let (relation, k_text, key, doc, ver) = match rows {
-            RowsFrom::Import => (
-                "pg_temp.koan_import".to_string(),
-                "s.k",
-                format!("s.k::{}", self.key_type.sql()),
-                self.restamped("s.d::jsonb"),
-                "nullif(s.v::jsonb, 'null'::jsonb)",
-            ),
-            RowsFrom::Staging(table) => (
-                format!("{}.{}", self.schema, quote_ident(table)),
-                "s.k::text",
-                "s.k".to_string(),
-                "s.d".to_string(),
-                "s.v",
-            ),
+    /// The rows to write, one per key: within an import the last line wins,
+    /// within a staging table the first row staged. Rows stay in `seq` order: an
+    /// archive part is in key order already. `dedup: false` leaves duplicate
+    /// keys in (a load into an empty target, where adding the key constraint
+    /// back finds them).
+    fn source_rows(&self, rows: RowsFrom<'_>, dedup: bool) -> String {
+        let relation = self.relation(rows);
+        let key = format!("s.k::{}", self.key_type.sql());
+        let doc = self.restamped("s.d::jsonb");
+        let ver = "nullif(s.v::jsonb, 'null'::jsonb)";
+        let common = format!(
+            "s.seq, s.k AS k_text, s.line_no, s.part, {}",
+            self.raw_line(rows)
+        );
+        // Staging marker rows (`k IS NULL`) are never written.
+        let bounds = match rows {
+            RowsFrom::Import => "s.seq >= $1 AND s.seq < $2",
+            RowsFrom::Staging(_) => "s.seq >= $1 AND s.seq < $2 AND s.k IS NOT NULL",
         };
-        let common = format!("s.seq, {k_text} AS k_text, s.line_no, s.part, s.raw");
-        let bounds = "s.seq >= $1 AND s.seq < $2";
-        let rows_sql = if self.layout == Layout::Relational && matches!(to, WriteTo::Target(_)) {
+        let rows_sql = if self.layout == Layout::Relational {
             format!(
                 "SELECT {common}, (r).{key_column} AS key, r AS rec FROM {relation} AS s \
                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, {doc}) AS r WHERE {bounds}",
@@ -228,18 +223,45 @@ impl MergeSql {
                  FROM {relation} AS s WHERE {bounds}"
             )
         };
+        if !dedup {
+            return rows_sql;
+        }
+        // A key twice: the last line wins. An anti-join on the key hashes keys
+        // only; sorting whole rows would spill to disk.
         match rows {
-            // A key twice in one import: the last line wins. An anti-join on the
-            // key hashes keys only; sorting whole rows would spill to disk. Bounded
-            // to the range too: a bad key elsewhere must not fail this range's cast.
+            // Within an import, bounded to the range: a bad key elsewhere must
+            // not fail this range's cast.
             RowsFrom::Import => format!(
-                "{rows_sql} AND NOT EXISTS (SELECT 1 FROM pg_temp.koan_import AS later \
+                "{rows_sql} AND NOT EXISTS (SELECT 1 FROM {relation} AS later \
                  WHERE later.seq >= $1 AND later.seq < $2 AND later.seq > s.seq \
                  AND later.k::{key_type} = s.k::{key_type})",
                 key_type = self.key_type.sql()
             ),
-            RowsFrom::Staging(_) => rows_sql,
+            // Across the whole staging table, comparing the keys' text (archived
+            // keys are in their canonical text form): the first staged copy
+            // wins, as in SQLite, even when row isolation writes the rows in
+            // several ranges.
+            RowsFrom::Staging(_) => format!(
+                "{rows_sql} AND NOT EXISTS (SELECT 1 FROM {relation} AS earlier \
+                 WHERE earlier.seq < s.seq AND earlier.k = s.k)"
+            ),
         }
+    }
+
+    /// The row's archive line: as imported, or, from a staging table (which
+    /// keeps no raw lines), rebuilt from its fields in the archive's line format.
+    fn raw_line(&self, rows: RowsFrom<'_>) -> String {
+        if rows == RowsFrom::Import {
+            return "s.raw".to_string();
+        }
+        let id = if self.key_type.is_numeric() {
+            "s.k"
+        } else {
+            "to_json(s.k)::text"
+        };
+        format!(
+            "'{{\"id\":' || {id} || coalesce(',\"v\":' || s.v, '') || ',\"doc\":' || s.d || '}}' AS raw"
+        )
     }
 
     /// The imported document, its scope marker re-stamped when restoring into another scope.
@@ -271,7 +293,8 @@ impl MergeSql {
         }
     }
 
-    fn insert_into_target(&self, mode: RestoreMode) -> String {
+    /// The `INSERT` of `src` into the target; `None`: no `ON CONFLICT` clause.
+    fn insert_into_target(&self, mode: Option<RestoreMode>) -> String {
         let mut columns: Vec<String> = Vec::new();
         let mut values: Vec<String> = Vec::new();
         let mut updates: Vec<String> = Vec::new();
@@ -326,8 +349,11 @@ impl MergeSql {
             conditions.push(format!("{} = {scope}", self.target_scope_expr()));
         }
         let action = match mode {
-            RestoreMode::SkipExisting | RestoreMode::Replace => "DO NOTHING".to_string(),
-            RestoreMode::Overwrite | RestoreMode::Merge => {
+            None => String::new(),
+            Some(RestoreMode::SkipExisting | RestoreMode::Replace) => {
+                format!(" ON CONFLICT ({}) DO NOTHING", self.key)
+            }
+            Some(mode @ (RestoreMode::Overwrite | RestoreMode::Merge)) => {
                 if mode == RestoreMode::Merge
                     && let Some(newer) = self.newer_condition()
                 {
@@ -338,16 +364,19 @@ impl MergeSql {
                 } else {
                     format!(" WHERE {}", conditions.join(" AND "))
                 };
-                format!("DO UPDATE SET {}{filter}", updates.join(", "))
+                format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}{filter}",
+                    self.key,
+                    updates.join(", ")
+                )
             }
         };
         format!(
-            "INSERT INTO {table} AS t ({columns}){overriding} SELECT {values} FROM src{lateral} \
-             ON CONFLICT ({key}) {action} RETURNING 1",
+            "INSERT INTO {table} AS t ({columns}){overriding} SELECT {values} FROM src{lateral}\
+             {action} RETURNING 1",
             table = self.table,
             columns = columns.join(", "),
             values = values.join(", "),
-            key = self.key,
         )
     }
 
@@ -402,7 +431,8 @@ impl MergeSql {
     /// Key, line number, part and raw line of the row `seq = $1`.
     pub(crate) fn row_statement(&self, rows: RowsFrom<'_>) -> String {
         format!(
-            "SELECT s.k::text, s.line_no, s.part, s.raw FROM {} AS s WHERE s.seq = $1",
+            "SELECT s.k, s.line_no, s.part, {} FROM {} AS s WHERE s.seq = $1",
+            self.raw_line(rows),
             self.relation(rows)
         )
     }
@@ -421,11 +451,71 @@ impl MergeSql {
         format!("CREATE INDEX ON {relation} (seq); ANALYZE {relation}")
     }
 
-    /// `min(seq), max(seq)` of the rows.
+    /// `min(seq), max(seq)` and the number of rows (staging markers not counted).
     pub(crate) fn bounds_statement(&self, rows: RowsFrom<'_>) -> String {
         format!(
-            "SELECT min(s.seq), max(s.seq) FROM {} AS s",
+            "SELECT min(s.seq), max(s.seq), count(s.k) FROM {} AS s",
             self.relation(rows)
+        )
+    }
+
+    /// Streams one part's rows into a `replace` staging table (binary, no
+    /// casts: every column is text, so no value can break it).
+    pub(crate) fn staging_copy_statement(&self, table: &str) -> String {
+        format!(
+            "COPY {}.{} (k, v, d, line_no, part) FROM STDIN (FORMAT binary)",
+            self.schema,
+            quote_ident(table)
+        )
+    }
+
+    /// Records that part `$1` is staged; inserts nothing when it already was
+    /// (the table's exclusion constraint; a concurrent import of the same part
+    /// waits for the first to end).
+    pub(crate) fn staging_marker_statement(&self, table: &str) -> String {
+        format!(
+            "INSERT INTO {}.{} (part) VALUES ($1) ON CONFLICT DO NOTHING",
+            self.schema,
+            quote_ident(table)
+        )
+    }
+
+    /// The target's one index, when it is the key's own primary key or unique
+    /// constraint, nothing refers to it, and its index has neither storage
+    /// parameters nor its own tablespace (which the constraint's definition
+    /// would not carry), with the constraint's name and definition: `(name,
+    /// definition)`, or no row. Only such a target may have its key
+    /// constraint dropped for a load and added back after.
+    pub(crate) fn sole_key_constraint_statement(&self) -> String {
+        format!(
+            "SELECT c.conname::text, pg_catalog.pg_get_constraintdef(c.oid) \
+             FROM pg_catalog.pg_constraint AS c JOIN pg_catalog.pg_class AS r ON r.oid = c.conrelid \
+             JOIN pg_catalog.pg_class AS ci ON ci.oid = c.conindid \
+             WHERE c.conrelid = {name}::regclass AND c.contype IN ('p', 'u') AND r.relkind = 'r' \
+             AND ci.reloptions IS NULL AND ci.reltablespace = 0 \
+             AND (SELECT count(*) FROM pg_catalog.pg_index AS i WHERE i.indrelid = c.conrelid) = 1 \
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint AS f WHERE f.confrelid = c.conrelid) \
+             AND NOT EXISTS (SELECT 1 FROM {table})",
+            table = self.table,
+            name = literal(&self.table),
+        )
+    }
+
+    /// Drops the key constraint `name` found by [`Self::sole_key_constraint_statement`].
+    pub(crate) fn drop_constraint_statement(&self, name: &str) -> String {
+        format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            self.table,
+            quote_ident(name)
+        )
+    }
+
+    /// Adds it back, as it was defined.
+    pub(crate) fn add_constraint_statement(&self, name: &str, definition: &str) -> String {
+        format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {definition}",
+            self.table,
+            quote_ident(name)
         )
     }
 
@@ -453,20 +543,21 @@ pub(crate) fn drop_staging_statement(
     ))
 }
 
-/// The `replace` staging table: typed key (the target's), `jsonb` document.
+/// The `replace` staging table: the import table's text columns but the raw
+/// line (rebuilt when a row fails), no index on the rows, and one marker row per staged part (`k IS NULL`) that an
+/// exclusion constraint keeps unique, so a part imported twice is staged once.
 pub(crate) fn create_staging_statement(
     entity: &EntitySpec,
     table: &str,
-    key_type: KeyType,
 ) -> Result<String, SourceError> {
     check_ident("schema", &entity.schema)?;
     check_staging_name(table)?;
     Ok(format!(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS {}.{} (seq bigserial NOT NULL, k {} PRIMARY KEY, \
-         v jsonb, d jsonb NOT NULL, line_no bigint, raw text, part text)",
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {}.{} (seq bigserial NOT NULL, k text, v text, \
+         d text, line_no bigint, part text NOT NULL, \
+         EXCLUDE USING btree (part WITH =) WHERE (k IS NULL))",
         quote_ident(&entity.schema),
         quote_ident(table),
-        key_type.sql()
     ))
 }
 

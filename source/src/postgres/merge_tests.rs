@@ -34,7 +34,7 @@ fn merge_by_json_path_in_a_scope_is_one_statement() {
             .version("$.meta.v"),
         None,
     );
-    let statement = sql.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Merge));
+    let statement = sql.write_statement(RowsFrom::Import, RestoreMode::Merge);
     let found = r#"(t."Json"::jsonb ->> '__koan_tenant')"#;
     let expected = format!(
         "WITH src AS (SELECT s.seq, s.k AS k_text, \
@@ -61,8 +61,7 @@ fn merge_by_json_path_in_a_scope_is_one_statement() {
 #[test]
 fn modes_choose_the_conflict_action() {
     let unscoped = koan(BackupEntity::new("e", "t"), None);
-    let overwrite =
-        unscoped.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Overwrite));
+    let overwrite = unscoped.write_statement(RowsFrom::Import, RestoreMode::Overwrite);
     assert!(
         overwrite.contains(
             "ON CONFLICT (\"Id\") DO UPDATE SET \"Json\" = EXCLUDED.\"Json\" RETURNING 1)"
@@ -74,20 +73,18 @@ fn modes_choose_the_conflict_action() {
         "unscoped: no conflicts"
     );
     assert_eq!(
-        unscoped.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Merge)),
+        unscoped.write_statement(RowsFrom::Import, RestoreMode::Merge),
         overwrite,
         "merge without a version is overwrite"
     );
-    let skip =
-        unscoped.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::SkipExisting));
+    let skip = unscoped.write_statement(RowsFrom::Import, RestoreMode::SkipExisting);
     assert!(
         skip.contains("ON CONFLICT (\"Id\") DO NOTHING RETURNING 1"),
         "{skip}"
     );
 
     let scoped = koan(BackupEntity::new("e", "t").in_scope("b", "a"), None);
-    let overwrite =
-        scoped.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Overwrite));
+    let overwrite = scoped.write_statement(RowsFrom::Import, RestoreMode::Overwrite);
     assert!(
         overwrite.contains(
             "DO UPDATE SET \"Json\" = EXCLUDED.\"Json\" WHERE (t.\"Json\"::jsonb ->> '__koan_tenant') = 'a' RETURNING 1"
@@ -103,7 +100,7 @@ fn version_column_and_scope_column_convert_through_the_row_type() {
         .version("rev");
     entity.scope_column = Some("tenant".into());
     let sql = koan(entity, None);
-    let statement = sql.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Merge));
+    let statement = sql.write_statement(RowsFrom::Import, RestoreMode::Merge);
     assert!(
         statement.contains(
             "INSERT INTO \"public\".\"t\" AS t (\"Id\", \"Json\", \"rev\", \"tenant\") \
@@ -129,7 +126,7 @@ fn target_scope_restamps_the_document_and_guards_the_new_scope() {
         BackupEntity::new("e", "t").in_scope("b", "tenant-a"),
         Some("tenant-b"),
     );
-    let statement = sql.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Overwrite));
+    let statement = sql.write_statement(RowsFrom::Import, RestoreMode::Overwrite);
     assert!(
         statement.contains(
             "jsonb_set(s.d::jsonb, '{\"__koan_tenant\"}'::text[], to_jsonb('tenant-b'::text)) AS doc"
@@ -154,7 +151,7 @@ fn target_scope_restamps_the_document_and_guards_the_new_scope() {
 #[test]
 fn relational_rows_are_written_through_the_row_type() {
     let sql = relational(Some("t1"), Some("$.rev"));
-    let statement = sql.write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Merge));
+    let statement = sql.write_statement(RowsFrom::Import, RestoreMode::Merge);
     assert!(
         statement.contains(
             "(r).\"id\" AS key, r AS rec FROM pg_temp.koan_import AS s CROSS JOIN LATERAL \
@@ -181,7 +178,7 @@ fn relational_rows_are_written_through_the_row_type() {
     entity.scope_match = ScopeMatch::Column("tenant".into());
     let restamped = MergeSql::new(&entity, KeyType::Bigint, Some("t2"), &["id".into()])
         .expect("sql")
-        .write_statement(RowsFrom::Import, WriteTo::Target(RestoreMode::Overwrite));
+        .write_statement(RowsFrom::Import, RestoreMode::Overwrite);
     assert!(
         restamped.contains("(s.d::jsonb || jsonb_build_object('tenant', 't2'::text))"),
         "{restamped}"
@@ -197,35 +194,33 @@ fn relational_rows_are_written_through_the_row_type() {
 fn replace_stages_then_swaps() {
     let sql = relational(Some("t1"), None);
     let staging = "koan_stage_0123456789ab_people";
-    let stage = sql.write_statement(RowsFrom::Import, WriteTo::Staging(staging));
-    assert!(
-        stage.contains(
-            "s.k::bigint AS key, s.d::jsonb AS doc, nullif(s.v::jsonb, 'null'::jsonb) AS ver"
-        ),
-        "staged rows keep the line's key: {stage}"
+    assert_eq!(
+        sql.staging_copy_statement(staging),
+        "COPY \"public\".\"koan_stage_0123456789ab_people\" (k, v, d, line_no, part) \
+         FROM STDIN (FORMAT binary)"
     );
-    assert!(
-        stage.contains(
-            "INSERT INTO \"public\".\"koan_stage_0123456789ab_people\" AS t (k, v, d, line_no, raw, part) \
-             SELECT src.key, src.ver, src.doc, src.line_no, src.raw, src.part FROM src \
-             ON CONFLICT (k) DO NOTHING RETURNING 1"
-        ),
-        "{stage}"
+    assert_eq!(
+        sql.staging_marker_statement(staging),
+        "INSERT INTO \"public\".\"koan_stage_0123456789ab_people\" (part) VALUES ($1) \
+         ON CONFLICT DO NOTHING"
     );
-    assert!(!stage.contains("conflicts AS"), "{stage}");
 
-    let apply = sql.write_statement(
-        RowsFrom::Staging(staging),
-        WriteTo::Target(RestoreMode::Replace),
-    );
+    let apply = sql.write_statement(RowsFrom::Staging(staging), RestoreMode::Replace);
     assert!(
         apply.contains(
             "FROM \"public\".\"koan_stage_0123456789ab_people\" AS s CROSS JOIN LATERAL \
-             jsonb_populate_record(NULL::\"public\".\"people\", s.d) AS r WHERE s.seq >= $1"
+             jsonb_populate_record(NULL::\"public\".\"people\", s.d::jsonb) AS r \
+             WHERE s.seq >= $1 AND s.seq < $2 AND s.k IS NOT NULL"
         ),
-        "{apply}"
+        "casts happen at apply, markers are left out: {apply}"
     );
-    assert!(!apply.contains("NOT EXISTS"), "staged keys are unique");
+    assert!(
+        apply.contains(
+            "NOT EXISTS (SELECT 1 FROM \"public\".\"koan_stage_0123456789ab_people\" AS earlier \
+             WHERE earlier.seq < s.seq AND earlier.k = s.k)"
+        ),
+        "a key staged twice: the first staged wins: {apply}"
+    );
     assert!(apply.contains("ON CONFLICT (\"id\") DO NOTHING RETURNING 1"));
     assert!(
         apply.contains("conflicts AS"),
@@ -237,7 +232,33 @@ fn replace_stages_then_swaps() {
     );
     assert_eq!(
         sql.row_statement(RowsFrom::Import),
-        "SELECT s.k::text, s.line_no, s.part, s.raw FROM pg_temp.koan_import AS s WHERE s.seq = $1"
+        "SELECT s.k, s.line_no, s.part, s.raw FROM pg_temp.koan_import AS s WHERE s.seq = $1"
+    );
+    assert_eq!(
+        sql.row_statement(RowsFrom::Staging(staging)),
+        "SELECT s.k, s.line_no, s.part, '{\"id\":' || s.k || coalesce(',\"v\":' || s.v, '') \
+         || ',\"doc\":' || s.d || '}' AS raw \
+         FROM \"public\".\"koan_stage_0123456789ab_people\" AS s WHERE s.seq = $1"
+    );
+    let load = sql.load_statement(RowsFrom::Staging(staging));
+    assert!(
+        load.contains(
+            "SELECT (src.rec).\"id\", (src.rec).\"name\", (src.rec).\"tenant\" FROM src RETURNING 1"
+        ),
+        "an empty target: no arbiter, no scope conflicts: {load}"
+    );
+    assert!(
+        !load.contains("ON CONFLICT") && !load.contains("conflicts AS"),
+        "{load}"
+    );
+    assert_eq!(
+        sql.add_constraint_statement("people_pkey", "PRIMARY KEY (id)"),
+        "ALTER TABLE \"public\".\"people\" ADD CONSTRAINT \"people_pkey\" PRIMARY KEY (id)"
+    );
+    assert_eq!(
+        sql.bounds_statement(RowsFrom::Staging(staging)),
+        "SELECT min(s.seq), max(s.seq), count(s.k) \
+         FROM \"public\".\"koan_stage_0123456789ab_people\" AS s"
     );
 }
 
@@ -277,11 +298,10 @@ fn staging_names_fit_and_never_collide() {
         "DROP TABLE IF EXISTS \"public\".\"koan_stage_0123456789ab_e\""
     );
     assert_eq!(
-        create_staging_statement(&entity, "koan_stage_0123456789ab_e", KeyType::Uuid)
-            .expect("create"),
+        create_staging_statement(&entity, "koan_stage_0123456789ab_e").expect("create"),
         "CREATE UNLOGGED TABLE IF NOT EXISTS \"public\".\"koan_stage_0123456789ab_e\" \
-         (seq bigserial NOT NULL, k uuid PRIMARY KEY, v jsonb, d jsonb NOT NULL, \
-         line_no bigint, raw text, part text)"
+         (seq bigserial NOT NULL, k text, v text, d text, line_no bigint, \
+         part text NOT NULL, EXCLUDE USING btree (part WITH =) WHERE (k IS NULL))"
     );
 }
 

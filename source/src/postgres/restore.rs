@@ -15,8 +15,8 @@ use crate::error::SourceError;
 use crate::postgres::PgSource;
 use crate::postgres::catalog;
 use crate::postgres::import::{Destination, ImportSession};
-use crate::postgres::isolate::{Written, write_rows};
-use crate::postgres::merge::{self, COLUMNS_QUERY, MergeSql, RowsFrom, WriteTo};
+use crate::postgres::isolate::{Written, is_row_error, write_rows};
+use crate::postgres::merge::{self, COLUMNS_QUERY, MergeSql, RowsFrom};
 use crate::postgres::session::Session;
 use crate::rows::ApplyOutcome;
 
@@ -64,9 +64,10 @@ impl PgSource {
         operation_id: uuid::Uuid,
     ) -> Result<String, SourceError> {
         let session = Session::checkout(&self.pool, &self.target).await?;
-        let key_type = target_key_type(session.client(), entity).await?;
+        // The target must exist and have a usable key before rows are staged for it.
+        target_key_type(session.client(), entity).await?;
         let table = merge::staging_table_name(&entity.name, operation_id);
-        let statement = merge::create_staging_statement(entity, &table, key_type)?;
+        let statement = merge::create_staging_statement(entity, &table)?;
         let context = format!("create staging table {table} for entity {}", entity.name);
         execute_idempotent(session.client(), &statement, &context).await?;
         Ok(table)
@@ -195,23 +196,101 @@ async fn apply_on(
         .map_err(query)?;
     let lowest: Option<i64> = bounds.try_get(0).map_err(query)?;
     let highest: Option<i64> = bounds.try_get(1).map_err(query)?;
+    let staged: i64 = bounds.try_get(2).map_err(query)?;
     let written = match (lowest, highest) {
         (Some(lowest), Some(highest)) => {
-            let to = WriteTo::Target(RestoreMode::Replace);
             let range = (lowest, highest.saturating_add(1));
-            write_rows(client, sql, RowsFrom::Staging(staging), to, range, context).await?
+            let loaded = if rows_removed == 0 {
+                load_empty(client, sql, staging, range, context).await?
+            } else {
+                None
+            };
+            match loaded {
+                Some(written) => written,
+                None => {
+                    let rows = RowsFrom::Staging(staging);
+                    let statement = sql.write_statement(rows, RestoreMode::Replace);
+                    write_rows(client, sql, rows, &statement, range, context).await?
+                }
+            }
         }
         _ => Written::default(),
     };
+    // A key staged twice is written once; the other copies are skipped.
+    let settled = written.rows_written + written.failures.len() as u64;
+    let rows_skipped = u64::try_from(staged).unwrap_or(0).saturating_sub(settled);
     client
         .batch_execute(&merge::drop_staging_statement(entity, staging)?)
         .await
         .map_err(query)?;
     Ok(Some(ApplyOutcome {
         rows_written: written.rows_written,
+        rows_skipped,
         rows_removed,
         failures: written.failures,
     }))
+}
+
+/// Loads the staged rows into an empty target the way `pg_restore` does:
+/// rows into a bare heap, then the key's index built once, by sorting. Only
+/// when the target has no row at all and its one index is its key constraint
+/// with nothing referring to it; the constraint is dropped and added back with
+/// its own name and definition, inside the apply's transaction (which holds
+/// the target's `ACCESS EXCLUSIVE` lock until it commits: readers of the
+/// empty table wait for the restored one). Rows are not deduplicated first:
+/// the constraint finds a key staged twice. `None` when the target does not
+/// qualify, or when the constraint cannot be added back (a key staged twice,
+/// or two keys equal once cast): everything since is rolled back, and the
+/// caller writes the rows with the key index in place, deduplicated, isolating
+/// the failing rows.
+async fn load_empty(
+    client: &Client,
+    sql: &MergeSql,
+    staging: &str,
+    range: (i64, i64),
+    context: &str,
+) -> Result<Option<Written>, SourceError> {
+    let query = |error| SourceError::query(context, error);
+    let Some(constraint) = client
+        .query_opt(&sql.sole_key_constraint_statement(), &[])
+        .await
+        .map_err(query)?
+    else {
+        return Ok(None);
+    };
+    let name: String = constraint.try_get(0).map_err(query)?;
+    let definition: String = constraint.try_get(1).map_err(query)?;
+    client
+        .batch_execute(&format!(
+            "SAVEPOINT koan_load; {}",
+            sql.drop_constraint_statement(&name)
+        ))
+        .await
+        .map_err(query)?;
+    let rows = RowsFrom::Staging(staging);
+    let written = write_rows(client, sql, rows, &sql.load_statement(rows), range, context).await?;
+    match client
+        .batch_execute(&sql.add_constraint_statement(&name, &definition))
+        .await
+    {
+        Ok(()) => {
+            client
+                .batch_execute("RELEASE SAVEPOINT koan_load")
+                .await
+                .map_err(query)?;
+            Ok(Some(written))
+        }
+        Err(error) if is_row_error(&error) => {
+            tracing::info!(context, constraint = %name, %error,
+                "the key constraint does not hold on the loaded rows; writing them with it in place");
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT koan_load; RELEASE SAVEPOINT koan_load")
+                .await
+                .map_err(query)?;
+            Ok(None)
+        }
+        Err(error) => Err(query(error)),
+    }
 }
 
 /// The write statements of `entity` into `target`, against the target's catalog.

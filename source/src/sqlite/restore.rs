@@ -228,6 +228,8 @@ fn apply_on(
         .map_err(query)?;
     Ok(Some(ApplyOutcome {
         rows_written: written.rows_written,
+        // Keys are unique in a SQLite staging table: a second copy was skipped when staged.
+        rows_skipped: 0,
         rows_removed: rows_removed as u64,
         failures: written.failures,
     }))

@@ -81,9 +81,14 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
         .expect("p1 again");
     assert_eq!(
         (twice.rows_written, twice.rows_skipped),
-        (0, 5),
-        "a part staged twice is harmless"
+        (5, 0),
+        "a part imported twice is staged once, and says so again"
     );
+    // A key in two parts (a broken archive): the first staged wins at apply.
+    let part3 = vec![archived("a5", None, &tenant_doc("tenant-a", 55))];
+    import(&source, &entity, &target, "p3", &part3)
+        .await
+        .expect("p3");
     assert_eq!(
         documents(&db, "r").await.len(),
         25,
@@ -99,14 +104,20 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
         before,
         "the scope is never left empty"
     );
-    let staged_rows = format!("SELECT count(*) FROM \"{staging}\"");
-    assert_eq!(count(&db, &staged_rows).await, 12);
+    let staged_rows = format!("SELECT count(k) FROM \"{staging}\"");
+    assert_eq!(count(&db, &staged_rows).await, 13, "each part's rows once");
+    let markers = format!("SELECT count(*) FROM \"{staging}\" WHERE k IS NULL");
+    assert_eq!(count(&db, &markers).await, 3, "one marker per part");
 
     db.exec("DROP TABLE pin").await;
     let outcome = source.apply_staged(&entity, &target).await.expect("apply");
     assert_eq!(
-        (outcome.rows_written, outcome.rows_removed),
-        (10, 20),
+        (
+            outcome.rows_written,
+            outcome.rows_skipped,
+            outcome.rows_removed
+        ),
+        (10, 1, 20),
         "{outcome:?}"
     );
     let codes: Vec<(&str, &str)> = outcome
@@ -119,6 +130,11 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
         vec![("b1", "scope_conflict"), ("a11", "constraint_violation")]
     );
     assert_eq!(outcome.failures[1].part.as_deref(), Some("p2"));
+    assert_eq!(
+        outcome.failures[1].line,
+        part2[6].raw(),
+        "the failing row's archive line, rebuilt from the staged row"
+    );
     assert!(
         outcome.failures[1].reason.contains("small_n"),
         "{:?}",
@@ -136,6 +152,11 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
         "exactly the archived rows: {tenant_a:?}"
     );
     assert_eq!(after["a7"], tenant_doc("tenant-a", 7));
+    assert_eq!(
+        after["a5"],
+        tenant_doc("tenant-a", 5),
+        "the first staged row"
+    );
     for i in 1..=5 {
         let key = format!("b{i}");
         assert_eq!(after[&key], before[&key], "tenant-b untouched");
@@ -161,6 +182,150 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
         .await
         .expect_err("not staging");
     assert_eq!(refused.code(), "invalid_name");
+}
+
+/// Stages `parts` for a `replace` into `table` and applies them.
+async fn replace_into(
+    db: &TestDb,
+    table: &str,
+    key_type: KeyType,
+    parts: &[(&str, Vec<Archived>)],
+) -> ApplyOutcome {
+    let source = db.source(3);
+    let mut entity = koan_entity(table);
+    entity.key_type = Some(key_type);
+    let entity = source.prepare_target(&entity).await.expect("prepare");
+    let mut target = restore_target(RestoreMode::Replace);
+    target.staging_table = Some(
+        source
+            .create_staging(&entity, uuid::Uuid::new_v4())
+            .await
+            .expect("staging"),
+    );
+    for (part, rows) in parts {
+        import(&source, &entity, &target, part, rows)
+            .await
+            .expect("stage");
+    }
+    source.apply_staged(&entity, &target).await.expect("apply")
+}
+
+#[tokio::test]
+async fn replace_into_an_empty_table_builds_the_key_index_once_and_keeps_its_definition() {
+    let db = TestDb::new().await;
+    db.exec(
+        r#"CREATE TABLE e ("Id" text NOT NULL, "Json" jsonb NOT NULL,
+             CONSTRAINT small_n CHECK (("Json"->>'n')::int < 1000),
+             CONSTRAINT e_key PRIMARY KEY ("Id") INCLUDE ("Json") DEFERRABLE);
+           CREATE TABLE f ("Id" text NOT NULL, "Json" jsonb NOT NULL,
+             CONSTRAINT f_key PRIMARY KEY ("Id") WITH (fillfactor = 70));"#,
+    )
+    .await;
+    let constraint = |name: &str| {
+        format!(
+            "SELECT oid::bigint FROM pg_constraint WHERE conname = '{name}' \
+             AND pg_get_constraintdef(oid) = 'PRIMARY KEY (\"Id\") INCLUDE (\"Json\") DEFERRABLE'"
+        )
+    };
+    let before = count(&db, &constraint("e_key")).await;
+    let f_before = count(
+        &db,
+        "SELECT oid::bigint FROM pg_constraint WHERE conname = 'f_key'",
+    )
+    .await;
+    let p1: Vec<Archived> = (1..=50)
+        .map(|i| archived(format!("k{i:03}"), None, &tenant_doc("t", i)))
+        .collect();
+    let mut p2: Vec<Archived> = (51..=60)
+        .map(|i| archived(format!("k{i:03}"), None, &tenant_doc("t", i)))
+        .collect();
+    p2.push(archived("k999", None, &tenant_doc("t", 5000)));
+    let parts = [("p1", p1), ("p2", p2)];
+    let outcome = replace_into(&db, "e", KeyType::Text, &parts).await;
+    assert_eq!(
+        (
+            outcome.rows_written,
+            outcome.rows_skipped,
+            outcome.rows_removed
+        ),
+        (60, 0, 0),
+        "{outcome:?}"
+    );
+    let codes: Vec<(Option<&str>, &str)> = outcome
+        .failures
+        .iter()
+        .map(|f| (f.key.as_deref(), f.code.as_str()))
+        .collect();
+    assert_eq!(codes, vec![(Some("k999"), "constraint_violation")]);
+    assert_eq!(documents(&db, "e").await.len(), 60);
+    let after = count(&db, &constraint("e_key")).await;
+    assert_ne!(
+        after, before,
+        "the key constraint was built again after the load, with its name and definition"
+    );
+    let indexes = "SELECT count(*) FROM pg_index WHERE indrelid = 'e'::regclass";
+    assert_eq!(count(&db, indexes).await, 1);
+    let duplicate = db
+        .client
+        .execute(r#"INSERT INTO e VALUES ('k001', '{}')"#, &[])
+        .await
+        .expect_err("the key is enforced again");
+    assert_eq!(duplicate.code().map(|code| code.code()), Some("23505"));
+
+    // Storage parameters are not in a constraint's definition: that index stays.
+    let outcome = replace_into(&db, "f", KeyType::Text, &parts).await;
+    assert_eq!((outcome.rows_written, outcome.rows_skipped), (61, 0));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT oid::bigint FROM pg_constraint WHERE conname = 'f_key'"
+        )
+        .await,
+        f_before,
+        "the index with storage parameters was kept"
+    );
+}
+
+#[tokio::test]
+async fn replace_into_an_empty_table_falls_back_when_keys_collide_once_cast() {
+    let db = TestDb::new().await;
+    db.exec(r#"CREATE TABLE n ("Id" bigint PRIMARY KEY, "Json" jsonb NOT NULL)"#)
+        .await;
+    // "7" and "07" differ as text, so both are staged and loaded, and the
+    // primary key cannot be added back: the rows are written again with it
+    // in place, and the second becomes a failure.
+    let p1 = vec![
+        archived("5", None, r#"{"n": 5}"#),
+        archived("7", None, r#"{"n": 7}"#),
+    ];
+    let p2 = vec![archived("07", None, r#"{"n": 70}"#)];
+    let outcome = replace_into(&db, "n", KeyType::Bigint, &[("p1", p1), ("p2", p2)]).await;
+    assert_eq!(
+        (outcome.rows_written, outcome.rows_skipped),
+        (2, 1),
+        "{outcome:?}"
+    );
+    assert!(outcome.failures.is_empty(), "{outcome:?}");
+    let rows: Vec<(i64, String)> = db
+        .client
+        .query(r#"SELECT "Id", "Json"::text FROM n ORDER BY 1"#, &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(5, r#"{"n": 5}"#.into()), (7, r#"{"n": 7}"#.into())]
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'n'::regclass AND contype = 'p'"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test]
