@@ -232,9 +232,14 @@ async fn a_backup_is_one_trace_from_the_client_to_every_chunk() {
 
     // The coordinator handles each report under the job span that sent it.
     let export_ids: BTreeSet<&str> = exports.iter().map(|span| span.span_id.as_str()).collect();
+    // A chunk's last part travels in its `chunk_done`: `part_written` is sent
+    // only for parts sealed before it (none here), and is checked the same way.
     for name in ["claim_chunk", "part_written", "chunk_done"] {
         let reports = named(&spans, name);
-        assert!(reports.len() >= chunks, "{name}: {counts:?}");
+        assert!(
+            name == "part_written" || reports.len() >= chunks,
+            "{name}: {counts:?}"
+        );
         for report in reports {
             let parent = report.parent_id.as_deref().expect("parent");
             assert!(

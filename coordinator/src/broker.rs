@@ -1,18 +1,22 @@
 //! The coordinator's side of RabbitMQ.
 //!
-//! **Consuming** ([`consume`]): one delivery at a time, in order; ack (or
-//! dead-letter) only after the state store committed and the reply was
-//! published. A state store failure that may pass (connection lost) is
-//! retried in place with backoff, so a PostgreSQL restart does not burn the
-//! message's delivery limit; on shutdown the message in hand is left unacked
-//! and goes back to the queue.
+//! **Consuming** ([`consume`]): in order; ack (or dead-letter) only after the
+//! state store committed and the reply was published. A handler that batches
+//! ([`Handler::batch_size`] > 1, the worker reports) takes every delivery
+//! already sent within the prefetch and decides them together
+//! ([`Handler::handle_batch`]: one state store transaction), then publishes
+//! the replies together and settles each; when the batch as a whole fails,
+//! its deliveries are handled one at a time. A state store failure that may
+//! pass (connection lost) is retried in place with backoff, so a PostgreSQL
+//! restart does not burn the message's delivery limit; on shutdown the
+//! messages in hand are left unacked and go back to the queue.
 //!
 //! Each delivery is handled in its handler's span, the child of the span that
 //! published it ([`Handler::span`]).
 //!
 //! **Publishing** ([`drain_loop`]): the outbox drainer publishes queued jobs
-//! and events with publisher confirms, in order, and removes them once
-//! confirmed. Each carries the trace context stored with its operation. It is woken after every commit that queued something and every
+//! and events in order, a batch at a time with the publisher confirms
+//! awaited together, and removes them once confirmed. Each carries the trace context stored with its operation. It is woken after every commit that queued something and every
 //! 500 ms. The state store drains under an advisory lock, so of several
 //! coordinators one drains at a time and no message is published twice by two
 //! drainers; a crash between publishing and removing republishes (consumers
@@ -53,6 +57,34 @@ pub trait Handler: Send + Sync {
         incoming: &Incoming,
     ) -> impl Future<Output = Result<Decision, CoordinatorError>> + Send;
 
+    /// Most deliveries decided together by [`Handler::handle_batch`]; 1
+    /// (the default): one at a time.
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Decides on deliveries that arrived together, in order: one decision
+    /// (or error, that delivery's own) per delivery, in order; an error for
+    /// the batch as a whole when nothing was decided, and then each is
+    /// handled on its own. By default, [`Handler::handle`] for each.
+    fn handle_batch(
+        &self,
+        batch: &[Delivery],
+    ) -> impl Future<Output = Result<Vec<Result<Decision, CoordinatorError>>, CoordinatorError>> + Send
+    {
+        async move {
+            let mut decisions = Vec::with_capacity(batch.len());
+            for delivery in batch {
+                decisions.push(
+                    self.handle(&delivery.incoming)
+                        .instrument(delivery.span.clone())
+                        .await,
+                );
+            }
+            Ok(decisions)
+        }
+    }
+
     /// The span the delivery is handled, replied to and settled in: a child
     /// of the span that published it (see [`crate::spans`]).
     fn span(&self, incoming: &Incoming) -> Span {
@@ -65,6 +97,15 @@ pub trait Handler: Send + Sync {
         koan_telemetry::adopt(&span, incoming.trace_context().as_ref());
         span
     }
+}
+
+/// A delivery of a batch, with the span it is handled in.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The delivery.
+    pub incoming: Incoming,
+    /// Its span ([`Handler::span`]).
+    pub span: Span,
 }
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -90,11 +131,37 @@ pub async fn consume<H: Handler>(
                 Err(error) => break Err(CoordinatorError::from(error)),
             },
         };
-        let span = handler.span(&incoming);
-        let settled = settle(broker, &incoming, handler, stop, wake)
-            .instrument(span)
-            .await;
+        let mut batch = vec![incoming];
+        let mut broken = None;
+        while batch.len() < handler.batch_size() {
+            match subscription.try_next() {
+                None => break,
+                Some(Ok(incoming)) => batch.push(incoming),
+                Some(Err(error)) => {
+                    broken = Some(CoordinatorError::from(error));
+                    break;
+                }
+            }
+        }
+        let settled = if batch.len() == 1 {
+            let incoming = &batch[0];
+            settle(broker, incoming, handler, stop, wake)
+                .instrument(handler.span(incoming))
+                .await
+        } else {
+            let batch: Vec<Delivery> = batch
+                .into_iter()
+                .map(|incoming| Delivery {
+                    span: handler.span(&incoming),
+                    incoming,
+                })
+                .collect();
+            settle_batch(broker, &batch, handler, stop, wake).await
+        };
         if let Err(error) = settled {
+            break Err(error);
+        }
+        if let Some(error) = broken {
             break Err(error);
         }
     };
@@ -147,6 +214,103 @@ async fn settle<H: Handler>(
     Ok(())
 }
 
+/// Handles deliveries that arrived together: decided in one go, replies
+/// published together, then each acked or dead-lettered. A batch that fails
+/// as a whole is handled again one delivery at a time; a delivery whose own
+/// error may pass is handled again on its own.
+async fn settle_batch<H: Handler>(
+    broker: &Broker,
+    batch: &[Delivery],
+    handler: &H,
+    stop: &CancellationToken,
+    wake: &Notify,
+) -> Result<(), CoordinatorError> {
+    let decisions = match handler.handle_batch(batch).await {
+        Ok(decisions) if decisions.len() == batch.len() => decisions,
+        Ok(_) => return settle_each(broker, batch, handler, stop, wake).await,
+        Err(error) if error.is_transport() => return Err(error),
+        Err(error) => {
+            debug!(queue = %batch[0].incoming.queue, size = batch.len(), code = error.code(), %error,
+                "batch not applied, handling its deliveries one at a time");
+            return settle_each(broker, batch, handler, stop, wake).await;
+        }
+    };
+    let mut settled = Vec::with_capacity(batch.len());
+    let mut again = Vec::new();
+    for (delivery, decision) in batch.iter().zip(decisions) {
+        match decision {
+            Ok(decision) => settled.push((delivery, decision)),
+            Err(error) if error.is_transport() => return Err(error),
+            Err(error) if error.is_retryable() => again.push(delivery),
+            Err(error) => {
+                let _entered = delivery.span.enter();
+                warn!(queue = %delivery.incoming.queue, code = error.code(), %error, "message dead-lettered");
+                koan_telemetry::record_failure(&delivery.span, error.code(), &error.to_string());
+                settled.push((
+                    delivery,
+                    Decision {
+                        dead_letter: Some(format!("{}: {error}", error.code())),
+                        ..Decision::default()
+                    },
+                ));
+            }
+        }
+    }
+    if settled.iter().any(|(_, decision)| decision.changed) {
+        wake.notify_one();
+    }
+    let replies: Vec<Outgoing> = settled
+        .iter_mut()
+        .filter_map(|(delivery, decision)| {
+            let reply = decision.reply.take()?;
+            let reply = reply.trace(koan_telemetry::context_of(&delivery.span).as_ref());
+            rpc::reply_to(&delivery.incoming, reply)
+        })
+        .collect();
+    if !replies.is_empty() {
+        let (_, published) = broker.publish_batch(&replies).await;
+        published?;
+    }
+    for (delivery, decision) in settled {
+        let incoming = &delivery.incoming;
+        match decision.dead_letter {
+            Some(reason) => {
+                incoming
+                    .dead_letter(broker, &reason)
+                    .instrument(delivery.span.clone())
+                    .await?;
+            }
+            None => incoming.ack().await?,
+        }
+    }
+    for delivery in again {
+        settle(broker, &delivery.incoming, handler, stop, wake)
+            .instrument(delivery.span.clone())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Handles each delivery of a batch on its own, in order.
+async fn settle_each<H: Handler>(
+    broker: &Broker,
+    batch: &[Delivery],
+    handler: &H,
+    stop: &CancellationToken,
+    wake: &Notify,
+) -> Result<(), CoordinatorError> {
+    for delivery in batch {
+        if stop.is_cancelled() {
+            // Left unacked: back to the queue with the connection.
+            return Ok(());
+        }
+        settle(broker, &delivery.incoming, handler, stop, wake)
+            .instrument(delivery.span.clone())
+            .await?;
+    }
+    Ok(())
+}
+
 /// Messages taken per drain transaction.
 pub const DRAIN_BATCH: usize = 200;
 /// Drain at least this often, even unwoken.
@@ -184,26 +348,51 @@ impl<'b> BrokerSink<'b> {
     }
 }
 
-impl OutboxSink for BrokerSink<'_> {
-    async fn publish(&self, message: &OutboxMessage) -> Result<(), CoordinatorError> {
+impl BrokerSink<'_> {
+    /// Declares the pool queue of a job before its first job.
+    async fn declare_for(&self, message: &OutboxMessage) -> Result<(), CoordinatorError> {
         if message.exchange == JOBS_EXCHANGE && !self.is_declared(&message.routing_key) {
             topology::declare_pool(self.broker, &message.routing_key).await?;
             self.declared(&message.routing_key);
             debug!(pool = %message.routing_key, "pool queue declared");
         }
-        let outgoing = Outgoing {
-            exchange: message.exchange.clone(),
-            routing_key: message.routing_key.clone(),
-            payload: message.payload.clone(),
-            kind: message.kind.clone(),
-            message_id: message.message_id.to_string(),
-            correlation_id: None,
-            reply_to: None,
-            headers: Vec::new(),
-        }
-        .trace(message.trace.as_ref());
-        self.broker.publish(&outgoing).await?;
         Ok(())
+    }
+}
+
+fn outgoing(message: &OutboxMessage) -> Outgoing {
+    Outgoing {
+        exchange: message.exchange.clone(),
+        routing_key: message.routing_key.clone(),
+        payload: message.payload.clone(),
+        kind: message.kind.clone(),
+        message_id: message.message_id.to_string(),
+        correlation_id: None,
+        reply_to: None,
+        headers: Vec::new(),
+    }
+    .trace(message.trace.as_ref())
+}
+
+impl OutboxSink for BrokerSink<'_> {
+    async fn publish(&self, message: &OutboxMessage) -> Result<(), CoordinatorError> {
+        self.declare_for(message).await?;
+        self.broker.publish(&outgoing(message)).await?;
+        Ok(())
+    }
+
+    async fn publish_batch(
+        &self,
+        messages: &[OutboxMessage],
+    ) -> (usize, Result<(), CoordinatorError>) {
+        for message in messages {
+            if let Err(error) = self.declare_for(message).await {
+                return (0, Err(error));
+            }
+        }
+        let outgoing: Vec<Outgoing> = messages.iter().map(outgoing).collect();
+        let (confirmed, outcome) = self.broker.publish_batch(&outgoing).await;
+        (confirmed, outcome.map_err(CoordinatorError::from))
     }
 }
 

@@ -130,6 +130,24 @@ pub struct ChunkDone {
     pub run: String,
     /// Number of parts the chunk has (all runs together).
     pub parts: u32,
+    /// The run's last part, reported here instead of in a `part_written` of
+    /// its own: applied exactly as that `part_written` followed by this
+    /// report. Absent when every part was reported already (older workers).
+    #[serde(default)]
+    pub part: Option<PartInfo>,
+}
+
+impl ChunkDone {
+    /// The `part_written` this report carries ([`ChunkDone::part`]), as its own report.
+    pub fn part_written(&self) -> Option<PartWritten> {
+        self.part.as_ref().map(|part| PartWritten {
+            operation_id: self.operation_id,
+            entity: self.entity.clone(),
+            chunk: self.chunk,
+            run: self.run.clone(),
+            part: part.clone(),
+        })
+    }
 }
 
 /// A run of a chunk failed.
@@ -282,6 +300,9 @@ pub struct RestoreApplied {
     pub entity: String,
     /// Rows written.
     pub rows_written: u64,
+    /// Staged rows left out (a key staged more than once is written once).
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// Rows of the scope removed first.
     pub rows_removed: u64,
     /// Rows that could not be written.
@@ -448,5 +469,60 @@ impl OperationEvent {
             | Self::Paused(report)
             | Self::Cancelled(report) => report,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod chunk_done_tests {
+    use super::*;
+
+    fn done(part: Option<PartInfo>) -> WorkerEvent {
+        WorkerEvent::ChunkDone(ChunkDone {
+            operation_id: Uuid::nil(),
+            entity: "orders".into(),
+            chunk: 4,
+            run: "abc".into(),
+            parts: 1,
+            part,
+        })
+    }
+
+    #[test]
+    fn chunk_done_without_part_decodes_as_before() {
+        // What a worker that reports every part on its own sends.
+        let old = crate::codec::encode_envelope(
+            "chunk_done",
+            &serde_json::json!({"operation_id": Uuid::nil(), "entity": "orders",
+                "chunk": 4, "run": "abc", "parts": 1}),
+        )
+        .unwrap();
+        assert_eq!(crate::decode::<WorkerEvent>(&old).unwrap(), done(None));
+    }
+
+    #[test]
+    fn chunk_done_carries_its_last_part() {
+        let part = PartInfo {
+            part: 0,
+            path: "b/_all/p/x/entities/orders/000004-0000-abc.jsonl.zst".into(),
+            first_key: Some("a".into()),
+            last_key: Some("z".into()),
+            rows: 10,
+            raw_bytes: 100,
+            compressed_bytes: 50,
+            blake3: "00".into(),
+        };
+        let event = done(Some(part.clone()));
+        let bytes = crate::encode(&event).unwrap();
+        assert_eq!(crate::decode::<WorkerEvent>(&bytes).unwrap(), event);
+        let WorkerEvent::ChunkDone(report) = event else {
+            unreachable!()
+        };
+        let written = report.part_written().unwrap();
+        assert_eq!((written.chunk, written.run.as_str()), (4, "abc"));
+        assert_eq!(written.part, part);
+        assert!(
+            matches!(done(None), WorkerEvent::ChunkDone(report) if report.part_written().is_none())
+        );
     }
 }

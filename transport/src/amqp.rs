@@ -6,22 +6,26 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties};
+use std::sync::Arc;
 use tracing::debug;
 
 use crate::error::{TransportError, redact_url};
 use crate::incoming::Subscription;
 use crate::outgoing::Outgoing;
+use crate::rpc::Replies;
 use crate::topology::{ExchangeKind, ExchangeSpec, QueueRole, QueueSpec};
 
 /// Prefetch of the private queues of [`AmqpBroker::follow`].
 pub(crate) const FOLLOW_PREFETCH: u16 = 256;
 
-/// A connection to RabbitMQ and a channel in confirm mode for publishing.
+/// A connection to RabbitMQ, a channel in confirm mode for publishing, and
+/// (from the first request) a channel for requests and their replies.
 #[derive(Debug)]
 pub(crate) struct AmqpBroker {
     connection: Connection,
     publisher: Channel,
     url: String,
+    replies: tokio::sync::Mutex<Option<Arc<Replies>>>,
 }
 
 impl AmqpBroker {
@@ -48,6 +52,7 @@ impl AmqpBroker {
             connection,
             publisher,
             url: redacted,
+            replies: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -57,6 +62,17 @@ impl AmqpBroker {
 
     pub(crate) fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.publisher.status().connected()
+    }
+
+    /// The request channel, opened now if there is none open.
+    pub(crate) async fn replies(&self) -> Result<Arc<Replies>, TransportError> {
+        let mut replies = self.replies.lock().await;
+        if let Some(open) = replies.as_ref().filter(|open| open.is_open()) {
+            return Ok(Arc::clone(open));
+        }
+        let opened = Arc::new(Replies::open(self).await?);
+        *replies = Some(Arc::clone(&opened));
+        Ok(opened)
     }
 
     pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
@@ -87,6 +103,63 @@ impl AmqpBroker {
             });
         }
         Ok(())
+    }
+
+    /// Publishes every message, then awaits their confirms together; the
+    /// number confirmed (from the first, in order) and what stopped the rest.
+    pub(crate) async fn publish_batch(
+        &self,
+        messages: &[Outgoing],
+    ) -> (usize, Result<(), TransportError>) {
+        let mut pending = Vec::with_capacity(messages.len());
+        let mut stopped = None;
+        for message in messages {
+            let published = self
+                .publisher
+                .basic_publish(
+                    message.exchange.as_str().into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &message.payload,
+                    message.properties(),
+                )
+                .await;
+            match published {
+                Ok(confirm) => pending.push((message, confirm)),
+                Err(source) => {
+                    stopped = Some(TransportError::Amqp {
+                        operation: "basic.publish",
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        let mut confirmed = 0;
+        for (message, confirm) in pending {
+            match confirm.await {
+                Ok(confirm) if confirm.is_nack() => {
+                    return (
+                        confirmed,
+                        Err(TransportError::Nacked {
+                            exchange: message.exchange.clone(),
+                            routing_key: message.routing_key.clone(),
+                        }),
+                    );
+                }
+                Ok(_) => confirmed += 1,
+                Err(source) => {
+                    return (
+                        confirmed,
+                        Err(TransportError::Amqp {
+                            operation: "publisher confirm",
+                            source,
+                        }),
+                    );
+                }
+            }
+        }
+        (confirmed, stopped.map_or(Ok(()), Err))
     }
 
     pub(crate) async fn subscribe(
@@ -232,6 +305,9 @@ impl AmqpBroker {
     }
 
     pub(crate) async fn close(&self) {
+        if let Some(replies) = self.replies.lock().await.take() {
+            replies.close().await;
+        }
         if let Err(error) = self.connection.close(200, "bye".into()).await {
             debug!(%error, "closing rabbitmq connection");
         }

@@ -132,6 +132,29 @@ impl Broker {
         }
     }
 
+    /// Publishes `messages` in order and waits for all their confirms
+    /// together (one round trip for the batch instead of one per message).
+    /// Returns how many of them, counted from the first, are confirmed, and
+    /// the error that stopped the rest (a nack is an error): messages after
+    /// a failure may or may not have reached their queues. In process: each
+    /// returns once it is in its queues, as [`Broker::publish`].
+    pub async fn publish_batch(
+        &self,
+        messages: &[Outgoing],
+    ) -> (usize, Result<(), TransportError>) {
+        match &self.backend {
+            Backend::Amqp(amqp) => amqp.publish_batch(messages).await,
+            Backend::Memory(memory) => {
+                for (published, message) in messages.iter().enumerate() {
+                    if let Err(error) = memory.publish(message).await {
+                        return (published, Err(error));
+                    }
+                }
+                (messages.len(), Ok(()))
+            }
+        }
+    }
+
     /// Consumes `queue` with `prefetch` unacked deliveries at most (0: no limit).
     pub async fn subscribe(
         &self,

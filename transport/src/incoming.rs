@@ -1,6 +1,6 @@
 //! Deliveries and the decisions taken on them.
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
@@ -72,6 +72,27 @@ impl Subscription {
             None => Err(TransportError::ConsumerClosed {
                 queue: self.queue.clone(),
             }),
+        }
+    }
+
+    /// A delivery the broker has already sent (within the prefetch), without
+    /// waiting: `None` when none is ready. For taking what arrived together
+    /// and handling it as one batch.
+    pub fn try_next(&mut self) -> Option<Result<Incoming, TransportError>> {
+        let consumer = match &mut self.source {
+            Source::Amqp(amqp) => &mut amqp.consumer,
+            Source::Memory(consumer) => return consumer.try_next(),
+        };
+        // `StreamExt::next` is cancel-safe: a delivery not ready stays queued.
+        match consumer.next().now_or_never()? {
+            Some(Ok(delivery)) => Some(Ok(Incoming::new(delivery, &self.queue))),
+            Some(Err(source)) => Some(Err(TransportError::Amqp {
+                operation: "basic.deliver",
+                source,
+            })),
+            None => Some(Err(TransportError::ConsumerClosed {
+                queue: self.queue.clone(),
+            })),
         }
     }
 

@@ -1,11 +1,15 @@
 //! Request and reply: over RabbitMQ's direct reply-to, or in process through
 //! a private reply queue of the requester.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
+use tokio::sync::oneshot;
 
 use crate::amqp::AmqpBroker;
 use crate::broker::{Backend, Broker};
@@ -70,30 +74,22 @@ async fn request_in_process(
         })?
 }
 
+/// The request over the connection's shared reply channel: published there
+/// with direct reply-to, and the reply handed over by correlation id.
 async fn request_amqp(
     broker: &AmqpBroker,
     mut request: Outgoing,
     timeout: Duration,
 ) -> Result<ReplyMessage, TransportError> {
-    let channel = broker.channel().await?;
-    let mut replies = channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(TransportError::amqp("basic.consume reply-to"))?;
+    let replies = broker.replies().await?;
     let correlation_id = request
         .correlation_id
         .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
         .clone();
     request.reply_to = Some(DIRECT_REPLY_TO.to_string());
-    channel
+    let answer = replies.expect(&correlation_id);
+    let published = replies
+        .channel
         .basic_publish(
             request.exchange.as_str().into(),
             request.routing_key.as_str().into(),
@@ -101,50 +97,122 @@ async fn request_amqp(
             &request.payload,
             request.properties(),
         )
-        .await
-        .map_err(TransportError::amqp("basic.publish"))?;
-    let wait = async {
-        while let Some(delivery) = replies.next().await {
-            let delivery = delivery.map_err(TransportError::amqp("basic.deliver reply"))?;
-            let matches = delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .is_some_and(|id| id.as_str() == correlation_id);
-            if matches {
-                return Ok(ReplyMessage {
-                    kind: delivery
-                        .properties
-                        .kind()
-                        .as_ref()
-                        .map(|kind| kind.to_string()),
-                    payload: delivery.data,
-                });
-            }
-        }
-        Err(TransportError::ConsumerClosed {
+        .await;
+    if let Err(source) = published {
+        replies.forget(&correlation_id);
+        return Err(TransportError::Amqp {
+            operation: "basic.publish",
+            source,
+        });
+    }
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(_)) => Err(TransportError::ConsumerClosed {
             queue: DIRECT_REPLY_TO.to_string(),
-        })
-    };
-    let outcome = tokio::time::timeout(timeout, wait).await;
-    let _ = channel.close(200, "bye".into()).await;
-    outcome.map_err(|_| TransportError::Timeout {
-        kind: request.kind.clone(),
-        seconds: timeout.as_secs(),
-    })?
+        }),
+        Err(_) => {
+            replies.forget(&correlation_id);
+            Err(TransportError::Timeout {
+                kind: request.kind.clone(),
+                seconds: timeout.as_secs(),
+            })
+        }
+    }
+}
+
+/// A connection's channel for requests: it consumes direct reply-to (no
+/// ack) for as long as it is open, and hands each reply to the request
+/// waiting for its correlation id. One per connection, opened at the first
+/// request (and again after it closed), instead of a channel per request.
+#[derive(Debug)]
+pub(crate) struct Replies {
+    channel: Channel,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<ReplyMessage>>>>,
+}
+
+impl Replies {
+    /// Opens the channel and starts handing replies over.
+    pub(crate) async fn open(broker: &AmqpBroker) -> Result<Self, TransportError> {
+        let channel = broker.channel().await?;
+        let mut consumer = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(TransportError::amqp("basic.consume reply-to"))?;
+        let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<ReplyMessage>>>> = Arc::default();
+        let handing = Arc::clone(&waiting);
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Some(correlation_id) = delivery.properties.correlation_id().as_ref() else {
+                    continue;
+                };
+                let waiter = lock(&handing).remove(correlation_id.as_str());
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(ReplyMessage {
+                        kind: delivery
+                            .properties
+                            .kind()
+                            .as_ref()
+                            .map(|kind| kind.to_string()),
+                        payload: delivery.data,
+                    });
+                }
+            }
+            // The channel closed: every request still waiting fails at once.
+            lock(&handing).clear();
+        });
+        Ok(Self { channel, waiting })
+    }
+
+    /// Whether requests can still go through it.
+    pub(crate) fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    fn expect(&self, correlation_id: &str) -> oneshot::Receiver<ReplyMessage> {
+        let (sender, receiver) = oneshot::channel();
+        lock(&self.waiting).insert(correlation_id.to_string(), sender);
+        receiver
+    }
+
+    fn forget(&self, correlation_id: &str) {
+        lock(&self.waiting).remove(correlation_id);
+    }
+
+    /// Closes the channel.
+    pub(crate) async fn close(&self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Answers `to` (if it asked for a reply) with `reply`, keeping its correlation id.
-pub async fn reply(
-    broker: &Broker,
-    to: &Incoming,
-    mut reply: Outgoing,
-) -> Result<(), TransportError> {
-    let Some(reply_to) = &to.reply_to else {
-        return Ok(());
-    };
+pub async fn reply(broker: &Broker, to: &Incoming, reply: Outgoing) -> Result<(), TransportError> {
+    match reply_to(to, reply) {
+        Some(reply) => broker.publish(&reply).await,
+        None => Ok(()),
+    }
+}
+
+/// `reply` addressed as the answer to `to` (its `reply_to`, its correlation
+/// id), for publishing with others ([`Broker::publish_batch`]); `None` when
+/// `to` asked for no reply.
+pub fn reply_to(to: &Incoming, mut reply: Outgoing) -> Option<Outgoing> {
+    let reply_to = to.reply_to.as_ref()?;
     reply.exchange = String::new();
     reply.routing_key = reply_to.clone();
     reply.correlation_id = to.correlation_id.clone();
-    broker.publish(&reply).await
+    Some(reply)
 }

@@ -125,8 +125,17 @@ impl JobSpan {
                 totals.raw_bytes += written.part.raw_bytes;
                 totals.compressed_bytes += written.part.compressed_bytes;
             }
-            WorkerEvent::ChunkDone(_) => {
-                let totals = *self.written.lock().unwrap_or_else(PoisonError::into_inner);
+            WorkerEvent::ChunkDone(done) => {
+                let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(part) = &done.part {
+                    // The chunk's last part, carried by its chunk_done.
+                    written.parts += 1;
+                    written.rows += part.rows;
+                    written.raw_bytes += part.raw_bytes;
+                    written.compressed_bytes += part.compressed_bytes;
+                }
+                let totals = *written;
+                drop(written);
                 span.record("rows", int(totals.rows));
                 span.record("parts", int(totals.parts));
                 span.record("bytes_raw", int(totals.raw_bytes));

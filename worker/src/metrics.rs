@@ -149,44 +149,47 @@ impl WorkerMetrics {
     /// Counts what a confirmed report says.
     fn reported(&self, event: &WorkerEvent, import_compressed: Option<u64>) {
         let instruments = &self.inner;
-        match event {
-            WorkerEvent::PartWritten(written) => {
-                let entity = KeyValue::new("entity", written.entity.clone());
+        // The chunk's last part travels with its chunk_done: counted the same.
+        let exported = match event {
+            WorkerEvent::PartWritten(written) => Some((&written.entity, &written.part)),
+            WorkerEvent::ChunkDone(done) => done.part.as_ref().map(|part| (&done.entity, part)),
+            _ => None,
+        };
+        if let Some((entity, part)) = exported {
+            let entity = KeyValue::new("entity", entity.clone());
+            instruments
+                .exported_rows
+                .add(part.rows, std::slice::from_ref(&entity));
+            for (form, bytes) in [
+                ("raw", part.raw_bytes),
+                ("compressed", part.compressed_bytes),
+            ] {
                 instruments
-                    .exported_rows
-                    .add(written.part.rows, std::slice::from_ref(&entity));
-                for (form, bytes) in [
-                    ("raw", written.part.raw_bytes),
-                    ("compressed", written.part.compressed_bytes),
-                ] {
-                    instruments
-                        .exported_bytes
-                        .add(bytes, &[entity.clone(), KeyValue::new("form", form)]);
-                }
+                    .exported_bytes
+                    .add(bytes, &[entity.clone(), KeyValue::new("form", form)]);
             }
-            WorkerEvent::PartImported(imported) => {
-                let entity = KeyValue::new("entity", imported.entity.clone());
-                let failed = u64::try_from(imported.failures.len()).unwrap_or(u64::MAX);
-                for (outcome, rows) in [
-                    ("written", imported.rows_written),
-                    ("skipped", imported.rows_skipped),
-                    ("failed", failed),
-                ] {
-                    instruments
-                        .imported_rows
-                        .add(rows, &[entity.clone(), KeyValue::new("outcome", outcome)]);
-                }
-                instruments.imported_bytes.add(
-                    imported.raw_bytes,
-                    &[entity.clone(), KeyValue::new("form", "raw")],
-                );
-                if let Some(compressed) = import_compressed {
-                    instruments
-                        .imported_bytes
-                        .add(compressed, &[entity, KeyValue::new("form", "compressed")]);
-                }
+        }
+        if let WorkerEvent::PartImported(imported) = event {
+            let entity = KeyValue::new("entity", imported.entity.clone());
+            let failed = u64::try_from(imported.failures.len()).unwrap_or(u64::MAX);
+            for (outcome, rows) in [
+                ("written", imported.rows_written),
+                ("skipped", imported.rows_skipped),
+                ("failed", failed),
+            ] {
+                instruments
+                    .imported_rows
+                    .add(rows, &[entity.clone(), KeyValue::new("outcome", outcome)]);
             }
-            _ => {}
+            instruments.imported_bytes.add(
+                imported.raw_bytes,
+                &[entity.clone(), KeyValue::new("form", "raw")],
+            );
+            if let Some(compressed) = import_compressed {
+                instruments
+                    .imported_bytes
+                    .add(compressed, &[entity, KeyValue::new("form", "compressed")]);
+            }
         }
     }
 
@@ -409,6 +412,7 @@ mod tests {
                 chunk: 3,
                 run: "run-1".into(),
                 parts: 2,
+                part: None,
             }))
             .await
             .unwrap();

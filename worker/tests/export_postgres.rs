@@ -97,6 +97,8 @@ async fn export_all(
             .iter()
             .filter_map(|event| match event {
                 WorkerEvent::PartWritten(written) => Some(written.part.clone()),
+                // The last part travels with chunk_done.
+                WorkerEvent::ChunkDone(done) => done.part.clone(),
                 _ => None,
             })
             .collect();

@@ -163,7 +163,11 @@ async fn serves_jobs_over_rabbitmq() {
                 rpc::reply(&broker, &report, outgoing).await.unwrap();
             }
             WorkerEvent::PartWritten(written) => rows += written.part.rows,
-            WorkerEvent::ChunkDone(_) => done += 1,
+            WorkerEvent::ChunkDone(chunk) => {
+                // The last part travels with chunk_done.
+                rows += chunk.part.as_ref().map_or(0, |part| part.rows);
+                done += 1;
+            }
             WorkerEvent::ChunkProgress(_) => {}
             other => panic!("unexpected report {}: {other:?}", other.kind()),
         }

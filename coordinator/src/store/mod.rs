@@ -239,6 +239,15 @@ pub enum Applied {
     Unchanged(&'static str),
 }
 
+/// What one report of a batch ([`StateStore::apply_batch`]) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// A report, as [`StateStore::apply`] would have applied it.
+    Applied(Applied),
+    /// A `claim_chunk` request, decided as [`StateStore::claim_chunk`] would.
+    Claim(ChunkClaim),
+}
+
 /// One message waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxMessage {
@@ -266,6 +275,23 @@ pub trait OutboxSink: Send + Sync {
         &self,
         message: &OutboxMessage,
     ) -> impl Future<Output = Result<(), CoordinatorError>> + Send;
+
+    /// Publishes `messages` in order; returns how many, from the first, the
+    /// broker confirmed, and the error that stopped the rest. A sink that
+    /// can awaits the confirms together; by default one at a time.
+    fn publish_batch(
+        &self,
+        messages: &[OutboxMessage],
+    ) -> impl Future<Output = (usize, Result<(), CoordinatorError>)> + Send {
+        async move {
+            for (published, message) in messages.iter().enumerate() {
+                if let Err(error) = self.publish(message).await {
+                    return (published, Err(error));
+                }
+            }
+            (messages.len(), Ok(()))
+        }
+    }
 }
 
 /// What one drain pass did.
@@ -539,6 +565,22 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         event: &WorkerEvent,
     ) -> impl Future<Output = Result<Applied, CoordinatorError>> + Send;
+
+    /// Applies worker reports and chunk claims (`claim_chunk` events) in
+    /// order, in **one** transaction (one commit for all of them), each with
+    /// exactly the effects [`StateStore::apply`] or
+    /// [`StateStore::claim_chunk`] would have on its own: each runs inside a
+    /// savepoint, so one that changes nothing or is invalid is rolled back
+    /// alone. The outcome of each is returned in order; an invalid report's
+    /// error (not retryable) is its own and the others still commit.
+    ///
+    /// An error that may pass (connection lost, deadlock, serialization
+    /// failure) fails the whole batch and nothing is committed: apply the
+    /// reports again (one at a time, or as a batch).
+    fn apply_batch(
+        &self,
+        events: &[WorkerEvent],
+    ) -> impl Future<Output = Result<Vec<Result<BatchOutcome, CoordinatorError>>, CoordinatorError>> + Send;
 
     /// A job dead-lettered after its delivery limit, with why: the unit it
     /// stood for fails and so does its operation (see [`dead_jobs`]). An

@@ -235,6 +235,7 @@ pub async fn back_up(client: &Broker, jobs: &mut Subscription, operation_id: Uui
             chunk: 0,
             run: "run1".into(),
             parts: 1,
+            part: None,
         }),
     )
     .await;

@@ -20,6 +20,8 @@ macro_rules! for_each_conformance_check {
             flows::empty_entities_finalize_at_once,
             lifecycle::pause_resume_and_cancel_are_idempotent,
             flows::parts_may_arrive_after_chunk_done,
+            batches::chunk_done_with_its_part_applies_once,
+            batches::a_batch_applies_each_report_as_alone,
             restores::restore_planned_twice_creates_units_once,
             restores::part_imported_twice_counts_once,
             restores::diagnostics_are_recorded_and_listed,

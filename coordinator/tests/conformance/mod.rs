@@ -26,6 +26,7 @@ use koan_protocol::topology::{EVENTS_EXCHANGE, JOBS_EXCHANGE};
 
 use crate::common::Recorder;
 
+pub mod batches;
 pub mod checks;
 pub mod dead_jobs;
 pub mod flows;
@@ -186,6 +187,22 @@ pub fn done(operation_id: Uuid, entity: &str, chunk: u32, run: &str, parts: u32)
         chunk,
         run: run.into(),
         parts,
+        part: None,
+    })
+}
+
+/// `chunk_done` with `parts` parts, carrying the last one (`part`'s report).
+pub fn done_with_part(written: &WorkerEvent, parts: u32) -> WorkerEvent {
+    let WorkerEvent::PartWritten(written) = written else {
+        panic!("not a part_written: {written:?}");
+    };
+    WorkerEvent::ChunkDone(ChunkDone {
+        operation_id: written.operation_id,
+        entity: written.entity.clone(),
+        chunk: written.chunk,
+        run: written.run.clone(),
+        parts,
+        part: Some(written.part.clone()),
     })
 }
 
@@ -501,6 +518,7 @@ pub fn applied(
         operation_id,
         entity: entity.into(),
         rows_written: written,
+        rows_skipped: 0,
         rows_removed: 7,
         failures,
     })

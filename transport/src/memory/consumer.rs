@@ -49,6 +49,15 @@ impl Consumer {
         }
     }
 
+    /// A delivery that is ready now, without waiting; `None` when there is none.
+    pub(crate) fn try_next(&mut self) -> Option<Result<Incoming, TransportError>> {
+        match self.take() {
+            Take::Delivered(tag, message) => Some(Ok(self.incoming(tag, *message))),
+            Take::Wait(_) => None,
+            Take::Closed => Some(Err(self.closed())),
+        }
+    }
+
     /// No new deliveries; unacked ones can still be settled.
     pub(crate) fn cancel(&self) {
         self.hub.lock().cancel(self.id);

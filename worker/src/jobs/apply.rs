@@ -72,6 +72,7 @@ pub async fn apply_restore<S: RestoreStore, E: Events>(
                     operation_id: job.operation_id,
                     entity: entity.name.clone(),
                     rows_written: outcome.rows_written,
+                    rows_skipped: outcome.rows_skipped,
                     rows_removed: outcome.rows_removed,
                     failures: outcome.failures,
                 }))

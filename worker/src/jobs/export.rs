@@ -6,7 +6,10 @@
 //!    to a new part when a part reaches the job's `part_bytes`. Each finished
 //!    part is reported (`PartWritten`, confirmed) before it counts as durable.
 //!    A heartbeat reports `ChunkProgress` every second meanwhile.
-//! 3. At the end of the range: `ChunkDone` with the chunk's part count, then ack.
+//! 3. At the end of the range: `ChunkDone` with the chunk's part count and
+//!    its last part (not reported on its own: the coordinator applies it as
+//!    that `PartWritten` followed by the `ChunkDone`), then ack. A chunk
+//!    that ends within the first progress interval sends no `ChunkProgress`.
 //!
 //! Failures abort the open part (it never appears in storage). Retryable ones
 //! are reported and requeued until the last delivery; a pause or cancel of the
@@ -40,8 +43,13 @@ use crate::storage::Storage;
 
 /// How a streaming pass ended without error.
 enum Streamed {
-    /// Every row of the range is in durable, reported parts.
-    Done { parts: u32, rows: u64 },
+    /// Every row of the range is in durable parts, each reported but the
+    /// last, which `ChunkDone` carries.
+    Done {
+        parts: u32,
+        rows: u64,
+        last: Option<PartInfo>,
+    },
     /// Stopped at a row boundary (shutdown or lost broker).
     Stopped,
     /// Stopped after sealing the open part, to give the job back.
@@ -169,13 +177,14 @@ pub async fn export_chunk_until<S: ChunkSource, E: Events>(
         return Err(error);
     }
     match streamed {
-        Ok(Streamed::Done { parts, rows }) => {
+        Ok(Streamed::Done { parts, rows, last }) => {
             run.report(WorkerEvent::ChunkDone(ChunkDone {
                 operation_id: job.operation_id,
                 entity: job.entity.name.clone(),
                 chunk: job.chunk,
                 run: run.run.clone(),
                 parts,
+                part: last,
             }))
             .await?;
             info!(
@@ -322,13 +331,29 @@ impl<E: Events> ChunkRun<'_, E> {
             }
             tokio::task::consume_budget().await;
         }
-        if let Some(last) = open.take() {
-            self.seal(last).await?;
-            next_part += 1;
-        }
+        // The last part is completed here and reported by `ChunkDone`: one
+        // report fewer per chunk, and the chunk is done in the same step.
+        let last = match open.take() {
+            Some(writer) => {
+                let part = writer.finish().await?;
+                debug!(
+                    operation_id = %job.operation_id,
+                    entity = %job.entity.name,
+                    chunk = job.chunk,
+                    part = part.part,
+                    rows = part.rows,
+                    compressed_bytes = part.compressed_bytes,
+                    "last part written"
+                );
+                next_part += 1;
+                Some(part)
+            }
+            None => None,
+        };
         Ok(Streamed::Done {
             parts: next_part,
             rows: rows_done,
+            last,
         })
     }
 

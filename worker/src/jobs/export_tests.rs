@@ -164,12 +164,14 @@ async fn keys_in(storage: &Storage, path: &str) -> Vec<String> {
         .collect()
 }
 
+/// Every part reported: by `PartWritten`, and the last one by `ChunkDone`.
 fn parts_written(events: &MemoryEvents) -> Vec<PartInfo> {
     events
         .events()
         .into_iter()
         .filter_map(|event| match event {
             WorkerEvent::PartWritten(written) => Some(written.part),
+            WorkerEvent::ChunkDone(done) => done.part,
             _ => None,
         })
         .collect()
@@ -270,6 +272,62 @@ async fn resumes_after_the_last_durable_part() {
 }
 
 #[tokio::test]
+async fn the_last_part_travels_with_chunk_done() {
+    let (source, storage, events, job) = (
+        FakeSource::new(100),
+        memory_storage(),
+        MemoryEvents::granting(),
+        job(2_000),
+    );
+    assert_eq!(
+        run(&source, &storage, &events, &job, 0).await.unwrap(),
+        Outcome::Ack
+    );
+    let recorded = events.events();
+    let separate = recorded
+        .iter()
+        .filter(|event| matches!(event, WorkerEvent::PartWritten(_)))
+        .count();
+    let Some(WorkerEvent::ChunkDone(done)) = recorded.last() else {
+        panic!("last event {:?}", recorded.last());
+    };
+    let last = done
+        .part
+        .as_ref()
+        .expect("chunk_done carries the last part");
+    assert_eq!(last.part as usize, separate);
+    assert_eq!(done.parts as usize, separate + 1);
+    assert_eq!(
+        keys_in(&storage, &last.path).await.last(),
+        source.rows.last()
+    );
+}
+
+#[tokio::test]
+async fn a_quick_chunk_sends_one_report() {
+    // Ten rows, one part, done well within the first progress interval:
+    // no progress and no part_written, only chunk_done carrying the part.
+    let (source, storage, events, job) = (
+        FakeSource::new(10),
+        memory_storage(),
+        MemoryEvents::granting(),
+        job(1_000_000),
+    );
+    assert_eq!(
+        run(&source, &storage, &events, &job, 0).await.unwrap(),
+        Outcome::Ack
+    );
+    match events.events().as_slice() {
+        [WorkerEvent::ChunkDone(done)] => {
+            assert_eq!(done.parts, 1);
+            assert_eq!(done.part.as_ref().map(|part| part.rows), Some(10));
+        }
+        other => panic!("events {other:?}"),
+    }
+    assert_eq!(events.claims().len(), 1);
+}
+
+#[tokio::test]
 async fn an_empty_chunk_has_no_parts() {
     let (source, storage, events, job) = (
         FakeSource::new(0),
@@ -282,7 +340,10 @@ async fn an_empty_chunk_has_no_parts() {
         Outcome::Ack
     );
     match events.events().as_slice() {
-        [WorkerEvent::ChunkDone(done)] => assert_eq!(done.parts, 0),
+        [WorkerEvent::ChunkDone(done)] => {
+            assert_eq!(done.parts, 0);
+            assert!(done.part.is_none());
+        }
         other => panic!("events {other:?}"),
     }
     assert!(stored_paths(&storage).await.is_empty());

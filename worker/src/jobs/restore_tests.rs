@@ -113,6 +113,7 @@ impl RestoreStore for FakeStore {
         }
         Ok(ApplyOutcome {
             rows_written: 7,
+            rows_skipped: 0,
             rows_removed: 3,
             failures: Vec::new(),
         })

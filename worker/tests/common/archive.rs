@@ -93,6 +93,8 @@ pub async fn backup(
                 .into_iter()
                 .filter_map(|event| match event {
                     WorkerEvent::PartWritten(written) => Some(written.part),
+                    // The last part travels with chunk_done.
+                    WorkerEvent::ChunkDone(done) => done.part,
                     _ => None,
                 })
                 .collect();

@@ -26,21 +26,35 @@ pub(super) async fn apply(
     store: &PgStateStore,
     event: &WorkerEvent,
 ) -> Result<Applied, CoordinatorError> {
+    let mut client = store.client().await?;
+    let db = Db::begin(&mut client, store).await?;
+    let (applied, keep) = apply_in(&db, event).await?;
+    if keep {
+        db.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// Applies one report inside the transaction of `db`; true when what it
+/// wrote is to be kept (committed), false when it changed nothing and is to
+/// be rolled back.
+pub(super) async fn apply_in(
+    db: &Db<'_>,
+    event: &WorkerEvent,
+) -> Result<(Applied, bool), CoordinatorError> {
     let operation_id = event.operation_id();
     if let WorkerEvent::Discarded(report) = event {
         // Arrives after the operation ended (`cancelled`): recorded, nothing to announce.
-        super::lifecycle::discarded(store, report).await?;
-        return Ok(Applied::Unchanged("discard recorded"));
+        super::lifecycle::discarded(db, report).await?;
+        return Ok((Applied::Unchanged("discard recorded"), true));
     }
-    let mut client = store.client().await?;
-    let db = Db::begin(&mut client, store).await?;
-    let Some(mut operation) = lock_operation(&db, operation_id).await? else {
+    let Some(mut operation) = lock_operation(db, operation_id).await? else {
         debug!(%operation_id, "report for an unknown operation ignored");
-        return Ok(Applied::Unchanged("unknown operation"));
+        return Ok((Applied::Unchanged("unknown operation"), false));
     };
     if operation.record.state.is_terminal() {
         debug!(%operation_id, state = operation.record.state.as_str(), "report for a finished operation ignored");
-        return Ok(Applied::Unchanged("operation is finished"));
+        return Ok((Applied::Unchanged("operation is finished"), false));
     }
     if let Some(role) = report_role(event)
         && role != operation.record.role
@@ -53,19 +67,19 @@ pub(super) async fn apply(
         )));
     }
     let applied = match event {
-        WorkerEvent::EntityPlanned(planned) => entity_planned(&db, &mut operation, planned).await?,
-        WorkerEvent::EntityFailed(failed) => entity_failed(&db, &mut operation, failed).await?,
+        WorkerEvent::EntityPlanned(planned) => entity_planned(db, &mut operation, planned).await?,
+        WorkerEvent::EntityFailed(failed) => entity_failed(db, &mut operation, failed).await?,
         WorkerEvent::ClaimChunk(_) => {
             return Err(CoordinatorError::InvalidReport(
                 "claim_chunk is a request, not a report".into(),
             ));
         }
-        WorkerEvent::ChunkProgress(report) => chunks::progress(&db, &mut operation, report).await?,
+        WorkerEvent::ChunkProgress(report) => chunks::progress(db, &mut operation, report).await?,
         WorkerEvent::PartWritten(report) => {
-            chunks::part_written(&db, &mut operation, report).await?
+            chunks::part_written(db, &mut operation, report).await?
         }
-        WorkerEvent::ChunkDone(report) => chunks::done(&db, &mut operation, report).await?,
-        WorkerEvent::ChunkFailed(report) => chunks::failed(&db, &mut operation, report).await?,
+        WorkerEvent::ChunkDone(report) => chunks::done(db, &mut operation, report).await?,
+        WorkerEvent::ChunkFailed(report) => chunks::failed(db, &mut operation, report).await?,
         WorkerEvent::ManifestWritten(written) => {
             rules::manifest_written(&mut operation.record, written)
         }
@@ -73,20 +87,18 @@ pub(super) async fn apply(
             rules::finalize_failed(&mut operation.record, failed)
         }
         WorkerEvent::RestorePlanned(planned) => {
-            imports::restore_planned(&db, &mut operation, planned).await?
+            imports::restore_planned(db, &mut operation, planned).await?
         }
         WorkerEvent::PartImported(report) => {
-            imports::part_imported(&db, &mut operation, report).await?
+            imports::part_imported(db, &mut operation, report).await?
         }
         WorkerEvent::ImportFailed(report) => {
-            imports::import_failed(&db, &mut operation, report).await?
+            imports::import_failed(db, &mut operation, report).await?
         }
         WorkerEvent::RestoreApplied(report) => {
-            imports::restore_applied(&db, &mut operation, report).await?
+            imports::restore_applied(db, &mut operation, report).await?
         }
-        WorkerEvent::ReplayDone(report) => {
-            replays::replay_done(&db, &mut operation, report).await?
-        }
+        WorkerEvent::ReplayDone(report) => replays::replay_done(db, &mut operation, report).await?,
         WorkerEvent::VerifyProgress(report) => {
             rules::verify_progress(&mut operation.record, report, db.now)
         }
@@ -97,10 +109,9 @@ pub(super) async fn apply(
         WorkerEvent::Discarded(_) => Applied::Unchanged("discard recorded"),
     };
     if applied == Applied::Changed {
-        save_operation(&db, &mut operation).await?;
-        db.commit().await?;
+        save_operation(db, &mut operation).await?;
     }
-    Ok(applied)
+    Ok((applied, applied == Applied::Changed))
 }
 
 /// Records an entity's ranges as chunks and queues their export jobs; the

@@ -24,18 +24,31 @@ pub(super) async fn claim(
     store: &PgStateStore,
     claim: &ClaimChunk,
 ) -> Result<ChunkClaim, CoordinatorError> {
+    let mut client = store.client().await?;
+    let db = Db::begin(&mut client, store).await?;
+    let decision = claim_in(&db, claim).await?;
+    if decision.granted {
+        db.commit().await?;
+    }
+    Ok(decision)
+}
+
+/// Decides a claim inside the transaction of `db`; only a granted claim
+/// wrote anything (a refusal is to be rolled back).
+pub(super) async fn claim_in(
+    db: &Db<'_>,
+    claim: &ClaimChunk,
+) -> Result<ChunkClaim, CoordinatorError> {
     let refuse = |reason: String| ChunkClaim {
         granted: false,
         reason: Some(reason),
         resume_after: None,
         lease_seconds: 0,
     };
-    let mut client = store.client().await?;
-    let db = Db::begin(&mut client, store).await?;
-    let Some(mut operation) = lock_operation(&db, claim.operation_id).await? else {
+    let Some(mut operation) = lock_operation(db, claim.operation_id).await? else {
         return Ok(refuse(format!("unknown operation {}", claim.operation_id)));
     };
-    let chunk = lock_chunk(&db, claim.operation_id, &claim.entity, claim.chunk).await?;
+    let chunk = lock_chunk(db, claim.operation_id, &claim.entity, claim.chunk).await?;
     let decision = check_claim(
         operation.record.state,
         chunk.as_ref().map(|row| (row.state, row.attempt)),
@@ -81,7 +94,7 @@ pub(super) async fn claim(
             &claim.run,
             &claim.worker,
             &int4(claim.attempt),
-            &lease_until(&db),
+            &lease_until(db),
             &db.now,
             &superseding,
         ],
@@ -94,15 +107,14 @@ pub(super) async fn claim(
             bytes_raw_pending: -int(chunk.raw_pending),
             ..Delta::default()
         };
-        apply_delta(&db, &mut operation, &claim.entity, lost).await?;
-        save_operation(&db, &mut operation).await?;
+        apply_delta(db, &mut operation, &claim.entity, lost).await?;
+        save_operation(db, &mut operation).await?;
     }
-    db.commit().await?;
     Ok(ChunkClaim {
         granted: true,
         reason: None,
         resume_after,
-        lease_seconds: store.policy().lease.as_secs(),
+        lease_seconds: db.store.policy().lease.as_secs(),
     })
 }
 

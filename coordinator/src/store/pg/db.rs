@@ -115,6 +115,18 @@ impl<'c> Db<'c> {
             .map_err(db_error(operation))
     }
 
+    /// Runs statements without parameters (savepoint control) in one round trip.
+    pub async fn batch_execute(
+        &self,
+        operation: &'static str,
+        text: &str,
+    ) -> Result<(), CoordinatorError> {
+        self.tx
+            .batch_execute(text)
+            .await
+            .map_err(db_error(operation))
+    }
+
     /// Takes a transaction-scoped advisory lock named `name` (within the store's
     /// schema) if free; false when another session holds it.
     pub async fn try_lock(&self, name: &str) -> Result<bool, CoordinatorError> {

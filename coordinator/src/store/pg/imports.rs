@@ -343,6 +343,7 @@ pub(super) async fn restore_applied(
     let failed = u64::try_from(report.failures.len()).unwrap_or(u64::MAX);
     let record = &mut operation.record;
     record.rows_written = record.rows_written.saturating_add(report.rows_written);
+    record.rows_skipped = record.rows_skipped.saturating_add(report.rows_skipped);
     record.rows_failed = record.rows_failed.saturating_add(failed);
     let waiting = db
         .query_opt(

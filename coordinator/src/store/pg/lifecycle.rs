@@ -250,12 +250,9 @@ pub(super) async fn cancel(
 }
 
 /// A cancelled backup's output is removed: recorded, the state stays `cancelled`.
-pub(super) async fn discarded(
-    store: &PgStateStore,
-    report: &Discarded,
-) -> Result<(), CoordinatorError> {
-    let mut client = store.client().await?;
-    let db = Db::begin(&mut client, store).await?;
+/// Records a discard in the transaction of `db` (kept even though it
+/// changes nothing clients see).
+pub(super) async fn discarded(db: &Db<'_>, report: &Discarded) -> Result<(), CoordinatorError> {
     db.execute(
         "record discard",
         "UPDATE {s}.operations SET discarded_objects = COALESCE(discarded_objects, 0) + $2
@@ -263,7 +260,6 @@ pub(super) async fn discarded(
         &[&report.operation_id, &int(report.objects_removed)],
     )
     .await?;
-    db.commit().await?;
     info!(operation_id = %report.operation_id, objects_removed = report.objects_removed, "cancelled backup discarded");
     Ok(())
 }

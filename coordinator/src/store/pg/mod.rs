@@ -25,11 +25,12 @@ use crate::error::CoordinatorError;
 use koan_protocol::commands::RowDiagnostic;
 
 use crate::store::{
-    Applied, BackupSource, Drained, Lifecycle, NewBackup, NewReplay, NewRestore, NewVerify,
-    OperationRecord, OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
+    Applied, BackupSource, BatchOutcome, Drained, Lifecycle, NewBackup, NewReplay, NewRestore,
+    NewVerify, OperationRecord, OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
 };
 
 mod apply;
+mod batch;
 mod chunks;
 mod claims;
 mod db;
@@ -350,6 +351,13 @@ impl StateStore for PgStateStore {
 
     async fn apply(&self, event: &WorkerEvent) -> Result<Applied, CoordinatorError> {
         apply::apply(self, event).await
+    }
+
+    async fn apply_batch(
+        &self,
+        events: &[WorkerEvent],
+    ) -> Result<Vec<Result<BatchOutcome, CoordinatorError>>, CoordinatorError> {
+        batch::apply_batch(self, events).await
     }
 
     async fn fail_dead_job(&self, job: &Job, reason: &str) -> Result<Applied, CoordinatorError> {

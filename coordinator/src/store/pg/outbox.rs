@@ -92,27 +92,32 @@ pub(super) async fn drain<K: OutboxSink>(
             &[&limit],
         )
         .await?;
-    let mut published: Vec<i64> = Vec::with_capacity(rows.len());
-    let mut failure = None;
-    for row in &rows {
-        let message = OutboxMessage {
-            id: get(row, "id")?,
-            message_id: get(row, "message_id")?,
-            exchange: get(row, "exchange")?,
-            routing_key: get(row, "routing_key")?,
-            kind: get(row, "kind")?,
-            payload: get(row, "payload")?,
-            trace: stored_trace(
-                get(row, "traceparent")?,
-                get::<Option<String>>(row, "tracestate")?.as_deref(),
-            ),
-        };
-        if let Err(error) = sink.publish(&message).await {
-            failure = Some(error);
-            break;
-        }
-        published.push(message.id);
-    }
+    let messages = rows
+        .iter()
+        .map(|row| {
+            Ok(OutboxMessage {
+                id: get(row, "id")?,
+                message_id: get(row, "message_id")?,
+                exchange: get(row, "exchange")?,
+                routing_key: get(row, "routing_key")?,
+                kind: get(row, "kind")?,
+                payload: get(row, "payload")?,
+                trace: stored_trace(
+                    get(row, "traceparent")?,
+                    get::<Option<String>>(row, "tracestate")?.as_deref(),
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>, CoordinatorError>>()?;
+    // Published together, confirms awaited together; only the confirmed
+    // prefix is removed.
+    let (confirmed, outcome) = sink.publish_batch(&messages).await;
+    let failure = outcome.err();
+    let published: Vec<i64> = messages
+        .iter()
+        .take(confirmed)
+        .map(|message| message.id)
+        .collect();
     if !published.is_empty() {
         db.execute(
             "remove published messages",

@@ -232,7 +232,22 @@ pub(super) fn part_written(
     Ok(Applied::Changed)
 }
 
+/// `chunk_done`, with the part it carries applied first, exactly as the
+/// `part_written` it replaces followed by the `chunk_done` (one change).
 pub(super) fn done(
+    db: &Db<'_>,
+    operation: &mut OperationRow,
+    report: &ChunkDone,
+) -> Result<Applied, CoordinatorError> {
+    let part = match report.part_written() {
+        Some(written) => part_written(db, operation, &written)?,
+        None => Applied::Unchanged("no part carried"),
+    };
+    let done = all_parts_done(db, operation, report)?;
+    Ok(if part == Applied::Changed { part } else { done })
+}
+
+fn all_parts_done(
     db: &Db<'_>,
     operation: &mut OperationRow,
     report: &ChunkDone,

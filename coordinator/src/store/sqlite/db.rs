@@ -88,6 +88,25 @@ impl Db<'_> {
         self.keep.set(false);
     }
 
+    /// Whether the transaction is to be committed (nothing asked for a rollback).
+    pub fn kept(&self) -> bool {
+        self.keep.get()
+    }
+
+    /// Commits after all, once a savepoint undid what asked for the rollback.
+    pub fn keep(&self) {
+        self.keep.set(true);
+    }
+
+    /// Runs statements without parameters (savepoint control).
+    pub fn execute_batch(
+        &self,
+        operation: &'static str,
+        sql: &str,
+    ) -> Result<(), CoordinatorError> {
+        self.conn.execute_batch(sql).map_err(sql_error(operation))
+    }
+
     /// Runs a statement; returns the rows it changed.
     pub fn execute(
         &self,

@@ -24,11 +24,12 @@ use koan_protocol::progress::ProgressReport;
 
 use crate::error::CoordinatorError;
 use crate::store::{
-    Applied, BackupSource, Drained, Lifecycle, NewBackup, NewReplay, NewRestore, NewVerify,
-    OperationRecord, OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
+    Applied, BackupSource, BatchOutcome, Drained, Lifecycle, NewBackup, NewReplay, NewRestore,
+    NewVerify, OperationRecord, OutboxSink, Policy, ReplaySubmission, StateStore, Submitted,
 };
 
 mod apply;
+mod batch;
 mod chunks;
 mod claims;
 mod db;
@@ -220,6 +221,14 @@ impl StateStore for SqliteStateStore {
     async fn apply(&self, event: &WorkerEvent) -> Result<Applied, CoordinatorError> {
         let event = event.clone();
         self.write(move |db| apply::apply(db, &event)).await
+    }
+
+    async fn apply_batch(
+        &self,
+        events: &[WorkerEvent],
+    ) -> Result<Vec<Result<BatchOutcome, CoordinatorError>>, CoordinatorError> {
+        let events = events.to_vec();
+        self.write(move |db| batch::apply_batch(db, &events)).await
     }
 
     async fn fail_dead_job(&self, job: &Job, reason: &str) -> Result<Applied, CoordinatorError> {

@@ -117,15 +117,15 @@ pub(super) async fn drain<K: OutboxSink>(
             )
         })
         .await?;
-    let mut published: Vec<i64> = Vec::with_capacity(messages.len());
-    let mut failure = None;
-    for message in &messages {
-        if let Err(error) = sink.publish(message).await {
-            failure = Some(error);
-            break;
-        }
-        published.push(message.id);
-    }
+    // Published together, confirms awaited together; only the confirmed
+    // prefix is removed.
+    let (confirmed, outcome) = sink.publish_batch(&messages).await;
+    let failure = outcome.err();
+    let published: Vec<i64> = messages
+        .iter()
+        .take(confirmed)
+        .map(|message| message.id)
+        .collect();
     let count = published.len();
     if !published.is_empty() {
         store
