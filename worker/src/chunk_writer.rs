@@ -3,16 +3,23 @@
 //! A [`PartWriter`] turns each row into one JSON line
 //! (`{"id":<key>,"v":<version>,"doc":<document>}\n`), compresses the lines
 //! into one zstd frame, hashes the compressed bytes with blake3 and uploads
-//! them with an `object_store` multipart upload in [`UPLOAD_CHUNK_BYTES`]
-//! pieces, waiting for upload capacity before handing over more (backpressure
-//! reaches the row stream). Memory stays bounded whatever the part size: one
-//! line buffer (reused, as large as the largest row), [`LINE_BATCH_BYTES`] of
-//! lines handed to zstd at once (one call per batch, not per row), the zstd
-//! context, [`COMPRESSED_FLUSH_BYTES`] of compressed output, the
-//! upload piece being filled and at most two pieces in flight. The object
-//! appears in storage only when [`PartWriter::finish`] completes the upload.
+//! them with an `object_store` multipart upload in
+//! [`UPLOAD_PIECE_BYTES`](crate::storage::UPLOAD_PIECE_BYTES) pieces, waiting
+//! for upload capacity before handing over more (backpressure reaches the row
+//! stream). Memory stays bounded whatever the part size: one line buffer
+//! (reused, as large as the largest row), [`LINE_BATCH_BYTES`] of lines handed
+//! to zstd at once (one call per batch, not per row), the zstd context,
+//! [`COMPRESSED_FLUSH_BYTES`] of compressed output, the upload piece being
+//! filled and at most two pieces in flight. The object appears in storage only
+//! when [`PartWriter::finish`] completes the upload.
+//!
+//! zstd contexts are kept between parts ([`ContextPool`]): a context is about
+//! a megabyte, and allocating a fresh one for every part left the worker's
+//! resident size growing with the number of parts written, not with the
+//! number written at once.
 
 use std::io::Write;
+use std::sync::Mutex;
 
 use koan_protocol::archive::PartInfo;
 use koan_protocol::plan::EntitySpec;
@@ -27,8 +34,6 @@ use crate::storage::Storage;
 pub const ZSTD_LEVEL: i32 = 1;
 /// JSON lines gathered before they are handed to zstd in one call.
 pub const LINE_BATCH_BYTES: usize = 64 * 1024;
-/// Size of the pieces a part is uploaded in.
-pub const UPLOAD_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Compressed bytes gathered before they are hashed and handed to the upload.
 pub const COMPRESSED_FLUSH_BYTES: usize = 256 * 1024;
 /// Upload pieces in flight at once before writing waits.
@@ -117,13 +122,60 @@ fn push_json_text(line: &mut Vec<u8>, json: &[u8]) {
     }
 }
 
+/// A zstd compression context at [`ZSTD_LEVEL`].
+type Context = zstd::stream::raw::Encoder<'static>;
+/// A context writing its frame into a buffer of compressed bytes.
+type Compressor = zstd::stream::zio::Writer<Vec<u8>, Context>;
+
+/// Idle zstd contexts, reused by the next part. Never holds more than
+/// [`ContextPool::IDLE_MAX`]; a worker writes at most its concurrency's worth of
+/// parts at once, so in steady state every part finds one here.
+struct ContextPool {
+    idle: Mutex<Vec<Context>>,
+}
+
+static CONTEXTS: ContextPool = ContextPool {
+    idle: Mutex::new(Vec::new()),
+};
+
+impl ContextPool {
+    const IDLE_MAX: usize = 16;
+
+    /// A context ready for a new frame.
+    fn take(&self) -> std::io::Result<Context> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        match idle {
+            Some(mut context) => {
+                // A context given back by an aborted part may be mid-frame.
+                zstd::stream::raw::Operation::reinit(&mut context)?;
+                Ok(context)
+            }
+            None => Context::new(ZSTD_LEVEL),
+        }
+    }
+
+    fn give_back(&self, context: Context) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < Self::IDLE_MAX {
+            idle.push(context);
+        }
+    }
+}
+
 /// Writes one part: JSON lines → zstd → blake3 + multipart upload.
 pub struct PartWriter {
     part: u32,
     path: String,
     key_format: KeyFormat,
     versioned: bool,
-    encoder: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    encoder: Compressor,
     upload: WriteMultipart,
     hasher: blake3::Hasher,
     line: Vec<u8>,
@@ -156,12 +208,19 @@ impl PartWriter {
         part: u32,
         path: String,
     ) -> Result<Self, WorkerError> {
-        let encoder = zstd::stream::write::Encoder::new(
-            Vec::with_capacity(COMPRESSED_FLUSH_BYTES + 64 * 1024),
-            ZSTD_LEVEL,
-        )
-        .map_err(WorkerError::Compress)?;
-        let upload = storage.multipart(&path, UPLOAD_CHUNK_BYTES).await?;
+        let upload = storage.multipart(&path).await?;
+        let encoder = match CONTEXTS.take() {
+            Ok(context) => Compressor::new(
+                Vec::with_capacity(COMPRESSED_FLUSH_BYTES + 64 * 1024),
+                context,
+            ),
+            Err(error) => {
+                if let Err(abort_error) = upload.abort().await {
+                    tracing::warn!(%path, error = %abort_error, "aborting part upload");
+                }
+                return Err(WorkerError::Compress(error));
+            }
+        };
         Ok(Self {
             part,
             path,
@@ -208,7 +267,7 @@ impl PartWriter {
         }
         self.last_key.clear();
         self.last_key.push_str(key_text);
-        if self.encoder.get_ref().len() >= COMPRESSED_FLUSH_BYTES {
+        if self.encoder.writer().len() >= COMPRESSED_FLUSH_BYTES {
             self.flush_compressed().await?;
         }
         Ok(line_bytes)
@@ -243,7 +302,7 @@ impl PartWriter {
             .wait_for_capacity(UPLOADS_IN_FLIGHT)
             .await
             .map_err(WorkerError::storage("multipart upload", &self.path))?;
-        let compressed = self.encoder.get_mut();
+        let compressed = self.encoder.writer_mut();
         self.hasher.update(compressed);
         self.upload.write(compressed);
         self.compressed_bytes += compressed.len() as u64;
@@ -258,7 +317,7 @@ impl PartWriter {
             self.abort().await;
             return Err(error);
         }
-        if let Err(error) = self.encoder.do_finish() {
+        if let Err(error) = self.encoder.finish() {
             self.abort().await;
             return Err(WorkerError::Compress(error));
         }
@@ -269,6 +328,7 @@ impl PartWriter {
         let Self {
             part,
             path,
+            encoder,
             upload,
             hasher,
             rows,
@@ -278,6 +338,7 @@ impl PartWriter {
             last_key,
             ..
         } = self;
+        CONTEXTS.give_back(encoder.into_inner().1);
         // WriteMultipart::finish aborts the upload itself when it fails.
         upload
             .finish()
@@ -297,6 +358,7 @@ impl PartWriter {
 
     /// Abandons the part: nothing becomes visible in storage.
     pub async fn abort(self) {
+        CONTEXTS.give_back(self.encoder.into_inner().1);
         if let Err(error) = self.upload.abort().await {
             tracing::warn!(path = %self.path, %error, "aborting part upload");
         }
@@ -456,7 +518,7 @@ mod tests {
         }
         let info = writer.finish().await.unwrap();
         assert!(
-            info.compressed_bytes > UPLOAD_CHUNK_BYTES as u64,
+            info.compressed_bytes > 4 * crate::storage::UPLOAD_PIECE_BYTES as u64,
             "{info:?}"
         );
         let lines = read_part(&storage, &info).await;

@@ -17,6 +17,13 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMul
 
 use crate::error::WorkerError;
 
+/// Size of the pieces a multipart upload is sent in. The local store writes
+/// each piece at its offset as it arrives, so pieces are small: compressed
+/// bytes never wait in memory for a large piece to fill (a part's compressed
+/// size is usually below a few MiB). A store with a minimum part size (S3:
+/// 5 MiB) would need its own.
+pub const UPLOAD_PIECE_BYTES: usize = 256 * 1024;
+
 /// The bytes of an object, piece by piece.
 pub type ByteStream = BoxStream<'static, object_store::Result<bytes::Bytes>>;
 
@@ -120,19 +127,19 @@ impl Storage {
             .map_err(WorkerError::storage("put", path))
     }
 
-    /// Starts a multipart upload whose object appears only when it is finished.
-    pub async fn multipart(
-        &self,
-        path: &str,
-        chunk_bytes: usize,
-    ) -> Result<WriteMultipart, WorkerError> {
+    /// Starts a multipart upload whose object appears only when it is
+    /// finished; it is sent in [`UPLOAD_PIECE_BYTES`] pieces.
+    pub async fn multipart(&self, path: &str) -> Result<WriteMultipart, WorkerError> {
         let location = Self::location(path)?;
         let upload = self
             .store
             .put_multipart(&location)
             .await
             .map_err(WorkerError::storage("multipart upload", path))?;
-        Ok(WriteMultipart::new_with_chunk_size(upload, chunk_bytes))
+        Ok(WriteMultipart::new_with_chunk_size(
+            upload,
+            UPLOAD_PIECE_BYTES,
+        ))
     }
 
     /// Every object under `prefix` (recursively).
