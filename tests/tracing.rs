@@ -280,10 +280,13 @@ async fn a_failed_chunk_is_an_error_span_with_its_reason() {
     assert_eq!(kind, "failed", "{report:?}\n{}", sandbox.logs());
     let error = report.error.clone().unwrap_or_default();
 
+    // Each process exports its spans in its own batches: wait for the span of
+    // the run whose failure the operation reports, not only the first one.
     let spans = phoenix.wait_for_trace(&trace_id, EXPORT_WAIT, |spans| {
         named(spans, "export_chunk")
             .iter()
-            .any(|span| span.status_code == "ERROR")
+            .any(|span| span.status_code == "ERROR" && error.contains(&span.status_message))
+            && !named(spans, "chunk_failed").is_empty()
     });
     let failed: Vec<&Span> = named(&spans, "export_chunk")
         .into_iter()
