@@ -216,6 +216,7 @@ class Bench:
             KOAN_DATABASE_URL=PG_URL + self.name + "_state",
             KOAN_SOURCE_URL=PG_URL + self.name,
             KOAN_STORAGE_URL=str(self.storage),
+            KOAN_CONCURRENCY=str(args.concurrency),
             RUST_LOG=os.environ.get("RUST_LOG", "info"),
         )
         self.results: dict = {}
@@ -486,14 +487,14 @@ class Bench:
 
     def job_times(self, label: str, wall: float) -> dict:
         """From the workers' logs: how long export jobs ran (`chunk exported ... elapsed_ms`),
-        and which share of the job slots (workers x concurrency 2) that kept busy."""
+        and which share of the job slots (workers x --concurrency) that kept busy."""
         elapsed = []
         for i in range(1, self.args.workers + 1):
             text = re.sub(r"\x1b\[[0-9;]*m", "", (self.logs / f"{label}-worker-{i}.log").read_text())
             elapsed += [int(x) for x in re.findall(r"chunk exported .*?elapsed_ms=(\d+)", text)]
         if not elapsed:
             return {}
-        slots = self.args.workers * 2
+        slots = self.args.workers * self.args.concurrency
         return {"export_jobs": len(elapsed), "job_ms_median": statistics.median(elapsed),
                 "job_ms_mean": round(statistics.mean(elapsed), 1), "job_ms_max": max(elapsed),
                 "slot_busy_fraction": round(sum(elapsed) / 1000 / (wall * slots), 2)}
@@ -581,7 +582,7 @@ class Bench:
         r = self.results
         s = r["summary"]
         print(f"\nkoan-backup bench  {r['started']}  rows={r['args']['rows']:,} workers={r['args']['workers']} "
-              f"runs={r['args']['runs']}  nproc={r['machine']['nproc']}")
+              f"concurrency={r['args'].get('concurrency', 2)} runs={r['args']['runs']}  nproc={r['machine']['nproc']}")
         print(f"load: start `{r['machine']['uptime_start']}`  end `{r['machine']['uptime_end']}`")
         if "source" in r:
             src = r["source"]
@@ -633,6 +634,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the compared table (default 2,000,000)")
     parser.add_argument("--workers", type=int, default=2, help="koan worker processes (default 2)")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="jobs each worker runs at once (KOAN_CONCURRENCY; default 2, the worker's default)")
     parser.add_argument("--runs", type=int, default=3, help="rounds of the comparison; 0 skips it (default 3)")
     parser.add_argument("--chunk-rows", type=int, default=None, help="plan chunk_rows (default: the plan default)")
     parser.add_argument("--tiny-chunks", type=int, default=10_000,
@@ -644,6 +647,8 @@ def main() -> int:
                         help="perf record -a during round 1's koan backup and restore and the tiny chunks "
                              "(reports kept under bench/out/; implies --keep)")
     args = parser.parse_args()
+    if args.workers < 1 or args.concurrency < 1:
+        parser.error("--workers and --concurrency must be at least 1")
     args.keep = args.keep or args.perf
     args.rss_rows = [int(x) for x in args.rss_rows.split(",") if x.strip()]
 

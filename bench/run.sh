@@ -3,7 +3,7 @@
 # RabbitMQ: backups, restores, 10,000 tiny chunks and worker peak RSS; prints a
 # table and writes bench/results/<timestamp>.json. Not part of the test suite.
 #
-#   bench/run.sh [--rows N] [--workers N] [--runs N] [--tiny-chunks N] [--rss-rows N,N] [--keep]
+#   bench/run.sh [--rows N] [--workers N] [--concurrency N] [--runs N] [--tiny-chunks N] [--rss-rows N,N] [--keep]
 #
 # Scratch vhost and databases (koan_bench_<pid>*) are removed at the end, also
 # on Ctrl-C. KOAN_BENCH_BIN=PATH measures that binary instead of building.
