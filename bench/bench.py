@@ -558,6 +558,16 @@ class Bench:
             targets["backup_vs_pg_dump"] = round(med["koan"] / med["pg_dump"], 2)
             targets["backup_vs_copy_zstd"] = round(med["koan"] / med["copy_zstd"], 2)
             targets["restore_vs_pg_restore"] = round(med["koan_replace"] / med["pg_restore"], 2)
+            # The same ratios within each round: on a machine whose speed drifts
+            # (a VM with CPU steal), the steps of one round saw the same drift.
+            by_round = {tool: {x["round"]: x["wall_s"] for x in runs}
+                        for tool, runs in {**r["backup"], **r["restore"]}.items()}
+            summary["ratios_by_round"] = {
+                key: [round(by_round[ours][n] / by_round[theirs][n], 2)
+                      for n in sorted(by_round[ours]) if n in by_round[theirs]]
+                for key, ours, theirs in (("backup_vs_pg_dump", "koan", "pg_dump"),
+                                          ("backup_vs_copy_zstd", "koan", "copy_zstd"),
+                                          ("restore_vs_pg_restore", "koan_replace", "pg_restore"))}
         workers_rss = [w["peak_rss_mib"] for key in ("backup", "restore") for runs in r.get(key, {}).values()
                        for x in runs for w in x.get("workers", [])]
         workers_rss += [w["peak_rss_mib"] for x in r.get("rss", []) for w in x["workers"]]
@@ -607,6 +617,8 @@ class Bench:
             print("(restore rows: wall/dump is wall / pg_restore; cpu s: koan = all workers, else the client "
                   "tools; pg cpu s: the whole PostgreSQL cluster; busy: cores busy on the machine, others' load "
                   "included)")
+            for key, ratios in s.get("ratios_by_round", {}).items():
+                print(f"  {key} by round: {', '.join(f'{x:.2f}' for x in ratios)}")
         if "tiny_chunks" in r:
             t = r["tiny_chunks"]
             print(f"\ntiny chunks: {t['chunks']:,} chunks of 10 rows in {t['wall_s']:.2f}s = {t['chunks_per_s']:,.0f} "
