@@ -141,13 +141,15 @@ static CONTEXTS: ContextPool = ContextPool {
 impl ContextPool {
     const IDLE_MAX: usize = 16;
 
-    /// A context ready for a new frame.
-    fn take(&self) -> std::io::Result<Context> {
-        let idle = self
-            .idle
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Context>> {
+        self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
+    }
+
+    /// A context ready for a new frame.
+    fn take(&self) -> std::io::Result<Context> {
+        let idle = self.idle().pop();
         match idle {
             Some(mut context) => {
                 // A context given back by an aborted part may be mid-frame.
@@ -159,10 +161,7 @@ impl ContextPool {
     }
 
     fn give_back(&self, context: Context) {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self.idle();
         if idle.len() < Self::IDLE_MAX {
             idle.push(context);
         }
@@ -208,19 +207,14 @@ impl PartWriter {
         part: u32,
         path: String,
     ) -> Result<Self, WorkerError> {
+        // The context first: nothing to abort if it fails (if the upload
+        // cannot start, the context is simply freed).
+        let context = CONTEXTS.take().map_err(WorkerError::Compress)?;
         let upload = storage.multipart(&path).await?;
-        let encoder = match CONTEXTS.take() {
-            Ok(context) => Compressor::new(
-                Vec::with_capacity(COMPRESSED_FLUSH_BYTES + 64 * 1024),
-                context,
-            ),
-            Err(error) => {
-                if let Err(abort_error) = upload.abort().await {
-                    tracing::warn!(%path, error = %abort_error, "aborting part upload");
-                }
-                return Err(WorkerError::Compress(error));
-            }
-        };
+        let encoder = Compressor::new(
+            Vec::with_capacity(COMPRESSED_FLUSH_BYTES + 64 * 1024),
+            context,
+        );
         Ok(Self {
             part,
             path,
