@@ -164,6 +164,16 @@ pub enum SourceError {
         /// Whether the first failure was retryable.
         retryable: bool,
     },
+    /// A typed load ([`StagingForm::Typed`](crate::StagingForm::Typed)) met a row
+    /// it cannot load as it is: nothing of the part was loaded; stage it
+    /// again as text, where each row is judged on its own.
+    #[error("{context}: the part cannot be loaded typed: {reason}")]
+    RowsRefused {
+        /// Which import.
+        context: String,
+        /// The row and why (the client's check, or the server's message).
+        reason: String,
+    },
     /// The COPY stream is malformed or holds something that is not UTF-8 text.
     #[error("malformed copy stream: {reason}")]
     Decode {
@@ -228,6 +238,7 @@ impl SourceError {
             Self::SnapshotLost { .. } => "snapshot_lost",
             Self::Query { source, .. } => query_code(source),
             Self::ImportFailed { .. } => "import_failed",
+            Self::RowsRefused { .. } => "rows_refused",
             Self::Decode { .. } => "decode",
             Self::SqliteOpen { .. } => "open_failed",
             Self::Sqlite { source, .. } => sqlite_code(source),

@@ -44,6 +44,6 @@ pub use capabilities::AdapterCapabilities;
 pub use error::SourceError;
 pub use postgres::{ImportSession, PgSource, RowStream, SnapshotHolder};
 pub use ranges::{MAX_CHUNK_BYTES, RangePlan, ranges_from_boundaries, rows_per_chunk};
-pub use rows::{ApplyOutcome, ExportRow, ImportLine, ImportOutcome};
+pub use rows::{ApplyOutcome, ExportRow, ImportLine, ImportOutcome, StagingForm};
 pub use source::{Backend, Source, SourceImportSession, SourceRowStream};
 pub use sqlite::{SqliteImportSession, SqliteRowStream, SqliteSource};

@@ -65,6 +65,23 @@ pub struct ImportLine<'a> {
     pub raw: &'a str,
 }
 
+/// How a `replace` import stages a part (PostgreSQL; SQLite always stages
+/// typed rows in its staging table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StagingForm {
+    /// Into the restore's load table, typed, when it has one (the target was
+    /// missing when the restore was planned): PostgreSQL parses the documents
+    /// while the parts are imported in parallel, and the apply renames the
+    /// table into place. A row that cannot be loaded typed fails the whole
+    /// import with [`SourceError::RowsRefused`]: stage that part again as
+    /// [`StagingForm::Text`]. Without a load table, the same as `Text`.
+    #[default]
+    Typed,
+    /// Into the staging table as text, cast when applied, where row
+    /// isolation names every row that does not convert.
+    Text,
+}
+
 /// What an import wrote.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImportOutcome {

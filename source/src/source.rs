@@ -18,7 +18,7 @@ use crate::capabilities::AdapterCapabilities;
 use crate::error::SourceError;
 use crate::postgres::{ImportSession, PgSource, RowStream, SnapshotHolder};
 use crate::ranges::RangePlan;
-use crate::rows::{ApplyOutcome, ExportRow, ImportLine, ImportOutcome};
+use crate::rows::{ApplyOutcome, ExportRow, ImportLine, ImportOutcome, StagingForm};
 use crate::sqlite::{SqliteImportSession, SqliteRowStream, SqliteSource};
 
 /// An entity source: PostgreSQL or SQLite. Cheap to clone.
@@ -170,15 +170,41 @@ impl Source {
         }
     }
 
-    /// Starts importing one part (or a replay batch), in one transaction.
+    /// `replace` mode, when a restore is planned: checks the target (a
+    /// missing one is created, or, in PostgreSQL, replaced by a load table
+    /// renamed into place at the apply) and creates the staging table;
+    /// returns `entity` with the target's key type, and the staging table.
+    pub async fn prepare_replace(
+        &self,
+        entity: &EntitySpec,
+        operation_id: uuid::Uuid,
+        target_scope: Option<&str>,
+    ) -> Result<(EntitySpec, String), SourceError> {
+        match self {
+            Self::Postgres(source) => {
+                source
+                    .prepare_replace(entity, operation_id, target_scope)
+                    .await
+            }
+            Self::Sqlite(source) => {
+                let prepared = source.prepare_target(entity).await?;
+                let table = source.create_staging(entity, operation_id).await?;
+                Ok((prepared, table))
+            }
+        }
+    }
+
+    /// Starts importing one part (or a replay batch), in one transaction;
+    /// `form` says how a PostgreSQL `replace` import stages the part.
     pub async fn begin_import(
         &self,
         entity: &EntitySpec,
         target: &RestoreTarget,
+        form: StagingForm,
     ) -> Result<SourceImportSession, SourceError> {
         match self {
             Self::Postgres(source) => source
-                .begin_import(entity, target)
+                .begin_import(entity, target, form)
                 .await
                 .map(SourceImportSession::Postgres),
             Self::Sqlite(source) => source
@@ -351,9 +377,13 @@ mod tests {
             };
             send(&source.prepare_target(&entity));
             send(&source.create_staging(&entity, uuid::Uuid::nil()));
+            send(&source.prepare_replace(&entity, uuid::Uuid::nil(), None));
             send(&source.drop_staging(&entity, "koan_stage_x"));
             send(&source.apply_staged(&entity, &target));
-            if let Ok(mut session) = source.begin_import(&entity, &target).await {
+            if let Ok(mut session) = source
+                .begin_import(&entity, &target, crate::StagingForm::Typed)
+                .await
+            {
                 send(&session);
                 let line = ImportLine {
                     line_no: 1,
@@ -366,7 +396,10 @@ mod tests {
                 send(&session.push(&line));
                 send(&session.commit());
             }
-            if let Ok(session) = source.begin_import(&entity, &target).await {
+            if let Ok(session) = source
+                .begin_import(&entity, &target, crate::StagingForm::Typed)
+                .await
+            {
                 send(&session.abort());
             }
         }

@@ -14,6 +14,8 @@ mod catalog;
 mod export;
 #[path = "postgres/import.rs"]
 mod import;
+#[path = "postgres/load.rs"]
+mod load;
 #[path = "postgres/ranges.rs"]
 mod ranges;
 #[path = "postgres/restore.rs"]

@@ -9,7 +9,11 @@
 //!   isolation finds failing rows);
 //! - into a `replace` staging table: the rows land there as they are, and
 //!   `commit` records the part's marker row; casts, re-stamping and row
-//!   isolation happen once, when the staged rows are applied.
+//!   isolation happen once, when the staged rows are applied;
+//! - into a `replace` load table (`load.rs`): the rows land typed, in the
+//!   target's final shape, and `commit` records the marker row with the
+//!   number of rows loaded. A row the client cannot type, or the server
+//!   refuses, fails the import with [`SourceError::RowsRefused`].
 //!
 //! Nothing is written unless the commit succeeds. Memory stays bounded: rows
 //! are encoded into a buffer sent every [`FLUSH_BYTES`], and the driver's
@@ -24,9 +28,11 @@ use futures::SinkExt;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::events::RowFailure;
 use tokio_postgres::CopyInSink;
+use tokio_postgres::error::SqlState;
 
 use crate::error::SourceError;
 use crate::postgres::isolate::{Written, write_rows};
+use crate::postgres::load::LoadTable;
 use crate::postgres::merge::{IMPORT_COPY, IMPORT_SETUP, MergeSql, RowsFrom};
 use crate::postgres::session::Session;
 use crate::rows::{ImportLine, ImportOutcome, sort_failures};
@@ -49,6 +55,8 @@ pub(crate) enum Destination {
     Target(RestoreMode),
     /// A `replace` staging table.
     Staging(String),
+    /// A `replace` load table, with the staging table that keeps its markers.
+    Load(Box<LoadTable>, String),
 }
 
 /// One import in progress: rows pushed so far are in the transaction's `COPY`.
@@ -106,6 +114,7 @@ impl ImportSession {
                 let statement = sql.staging_copy_statement(table);
                 session.client().copy_in(&statement).await
             }
+            Destination::Load(load, _) => session.client().copy_in(&load.copy_statement()).await,
         };
         let copy = match copy {
             Ok(copy) => copy,
@@ -153,6 +162,16 @@ impl ImportSession {
                 encode_row(&mut self.buffer, seq, line);
             }
             Destination::Staging(_) => encode_staged_row(&mut self.buffer, line),
+            Destination::Load(ref load, _) => {
+                if let Err(reason) = load.encode_row(&mut self.buffer, line) {
+                    let refused = SourceError::RowsRefused {
+                        context: self.context.clone(),
+                        reason,
+                    };
+                    self.failure = Some((refused.to_string(), false));
+                    return Err(refused);
+                }
+            }
         }
         if self.part.is_none() {
             self.part = Some(line.part.to_string());
@@ -204,7 +223,7 @@ impl ImportSession {
             Err(error) => Err(error),
         };
         if let Err(error) = copied {
-            let mapped = SourceError::query(self.context.clone(), error);
+            let mapped = self.copy_error(error);
             session.end_failed(&mapped).await;
             return Err(mapped);
         }
@@ -229,9 +248,11 @@ impl ImportSession {
                     }
                 }
             }
-            (Destination::Staging(table), Some(part)) => {
+            (Destination::Staging(table) | Destination::Load(_, table), Some(part)) => {
                 let marker = self.sql.staging_marker_statement(table);
-                match session.client().execute(&marker, &[part]).await {
+                let loaded = matches!(self.destination, Destination::Load(..))
+                    .then(|| i64::try_from(self.staged).unwrap_or(i64::MAX));
+                match session.client().execute(&marker, &[part, &loaded]).await {
                     // Staged now, or by an earlier import of the same part
                     // whose rows are already there: the same outcome.
                     Ok(marked) => {
@@ -292,11 +313,32 @@ impl ImportSession {
             return Err(self.used_after_failure());
         };
         if let Err(error) = copy.send(chunk).await {
-            let mapped = SourceError::query(self.context.clone(), error);
+            let mapped = self.copy_error(error);
             self.failure = Some((mapped.to_string(), mapped.is_retryable()));
             return Err(mapped);
         }
         Ok(())
+    }
+
+    /// A failed `COPY`. Into a load table, a data exception (class 22: a
+    /// document or version `jsonb` refuses, a number out of range) or a
+    /// document nested too deep (`54001`) is [`SourceError::RowsRefused`]:
+    /// the part is to be staged again as text.
+    fn copy_error(&self, error: tokio_postgres::Error) -> SourceError {
+        let refused = matches!(self.destination, Destination::Load(..))
+            && error.code().is_some_and(|state| {
+                state.code().starts_with("22") || *state == SqlState::STATEMENT_TOO_COMPLEX
+            });
+        if refused {
+            let reason = error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), |db| db.message().to_string());
+            return SourceError::RowsRefused {
+                context: self.context.clone(),
+                reason,
+            };
+        }
+        SourceError::query(self.context.clone(), error)
     }
 
     fn check_usable(&self) -> Result<(), SourceError> {

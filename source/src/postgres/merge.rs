@@ -469,12 +469,13 @@ impl MergeSql {
         )
     }
 
-    /// Records that part `$1` is staged; inserts nothing when it already was
-    /// (the table's exclusion constraint; a concurrent import of the same part
-    /// waits for the first to end).
+    /// Records that part `$1` is staged (`$2`: the rows it loaded into the
+    /// load table, NULL when they are in the staging table); inserts nothing
+    /// when it already was (the table's exclusion constraint; a concurrent
+    /// import of the same part waits for the first to end).
     pub(crate) fn staging_marker_statement(&self, table: &str) -> String {
         format!(
-            "INSERT INTO {}.{} (part) VALUES ($1) ON CONFLICT DO NOTHING",
+            "INSERT INTO {}.{} (part, loaded) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             self.schema,
             quote_ident(table)
         )
@@ -518,15 +519,20 @@ impl MergeSql {
             quote_ident(name)
         )
     }
+}
 
-    /// Serialises applies of one staging table (a second one finds it gone).
-    pub(crate) fn lock_staging_statement(&self, table: &str) -> String {
-        format!(
-            "LOCK TABLE {}.{} IN ACCESS EXCLUSIVE MODE",
-            self.schema,
-            quote_ident(table)
-        )
-    }
+/// Serialises applies of one staging table (a second one finds it gone).
+pub(crate) fn lock_staging_statement(
+    entity: &EntitySpec,
+    table: &str,
+) -> Result<String, SourceError> {
+    check_ident("schema", &entity.schema)?;
+    check_staging_name(table)?;
+    Ok(format!(
+        "LOCK TABLE {}.{} IN ACCESS EXCLUSIVE MODE",
+        quote_ident(&entity.schema),
+        quote_ident(table)
+    ))
 }
 
 /// Drops a staging table, if it exists.
@@ -544,8 +550,11 @@ pub(crate) fn drop_staging_statement(
 }
 
 /// The `replace` staging table: the import table's text columns but the raw
-/// line (rebuilt when a row fails), no index on the rows, and one marker row per staged part (`k IS NULL`) that an
-/// exclusion constraint keeps unique, so a part imported twice is staged once.
+/// line (rebuilt when a row fails), no index on the rows, and one marker row
+/// per staged part (`k IS NULL`) that an exclusion constraint keeps unique,
+/// so a part imported twice is staged once. A part loaded into the restore's
+/// load table (`load.rs`) has only its marker here, with the rows it loaded
+/// in `loaded`.
 pub(crate) fn create_staging_statement(
     entity: &EntitySpec,
     table: &str,
@@ -554,7 +563,7 @@ pub(crate) fn create_staging_statement(
     check_staging_name(table)?;
     Ok(format!(
         "CREATE UNLOGGED TABLE IF NOT EXISTS {}.{} (seq bigserial NOT NULL, k text, v text, \
-         d text, line_no bigint, part text NOT NULL, \
+         d text, line_no bigint, part text NOT NULL, loaded bigint, \
          EXCLUDE USING btree (part WITH =) WHERE (k IS NULL))",
         quote_ident(&entity.schema),
         quote_ident(table),
@@ -564,8 +573,21 @@ pub(crate) fn create_staging_statement(
 /// A missing Koan-layout table: its schema, then the table (key, `jsonb`
 /// document, a `jsonb` version column and a `text` scope column when the entity has them).
 pub(crate) fn create_target_statements(entity: &EntitySpec) -> Result<[String; 2], SourceError> {
-    check_ident("schema", &entity.schema)?;
     check_ident("table", &entity.table)?;
+    koan_table_statements(entity, &entity.table, true)
+}
+
+/// The schema and a Koan-layout table named `table` with the columns a
+/// missing target gets, its key the primary key or, without
+/// `key_constraint`, only `NOT NULL` (a `replace` load table, keyed when it
+/// becomes the target).
+pub(crate) fn koan_table_statements(
+    entity: &EntitySpec,
+    table: &str,
+    key_constraint: bool,
+) -> Result<[String; 2], SourceError> {
+    check_ident("schema", &entity.schema)?;
+    check_ident("table", table)?;
     check_ident("key", &entity.key)?;
     let Some(key_type) = entity.key_type else {
         return Err(invalid_plan(entity, "the archived entity has no key type"));
@@ -581,12 +603,13 @@ pub(crate) fn create_target_statements(entity: &EntitySpec) -> Result<[String; 2
         ));
     };
     check_ident("document", document)?;
+    let key = if key_constraint {
+        "PRIMARY KEY"
+    } else {
+        "NOT NULL"
+    };
     let mut columns = vec![
-        format!(
-            "{} {} PRIMARY KEY",
-            quote_ident(&entity.key),
-            key_type.sql()
-        ),
+        format!("{} {} {key}", quote_ident(&entity.key), key_type.sql()),
         format!("{} jsonb NOT NULL", quote_ident(document)),
     ];
     if let Some(VersionSource::Column(column)) = &entity.version {
@@ -602,7 +625,7 @@ pub(crate) fn create_target_statements(entity: &EntitySpec) -> Result<[String; 2
         format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
         format!(
             "CREATE TABLE IF NOT EXISTS {schema}.{} ({})",
-            quote_ident(&entity.table),
+            quote_ident(table),
             columns.join(", ")
         ),
     ])

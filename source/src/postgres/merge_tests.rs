@@ -201,7 +201,7 @@ fn replace_stages_then_swaps() {
     );
     assert_eq!(
         sql.staging_marker_statement(staging),
-        "INSERT INTO \"public\".\"koan_stage_0123456789ab_people\" (part) VALUES ($1) \
+        "INSERT INTO \"public\".\"koan_stage_0123456789ab_people\" (part, loaded) VALUES ($1, $2) \
          ON CONFLICT DO NOTHING"
     );
 
@@ -227,8 +227,12 @@ fn replace_stages_then_swaps() {
         "other scopes' rows are reported"
     );
     assert_eq!(
-        sql.lock_staging_statement(staging),
+        lock_staging_statement(&spec(BackupEntity::new("people", "people")), staging)
+            .expect("lock"),
         "LOCK TABLE \"public\".\"koan_stage_0123456789ab_people\" IN ACCESS EXCLUSIVE MODE"
+    );
+    assert!(
+        lock_staging_statement(&spec(BackupEntity::new("people", "people")), "people").is_err()
     );
     assert_eq!(
         sql.row_statement(RowsFrom::Import),
@@ -301,7 +305,7 @@ fn staging_names_fit_and_never_collide() {
         create_staging_statement(&entity, "koan_stage_0123456789ab_e").expect("create"),
         "CREATE UNLOGGED TABLE IF NOT EXISTS \"public\".\"koan_stage_0123456789ab_e\" \
          (seq bigserial NOT NULL, k text, v text, d text, line_no bigint, \
-         part text NOT NULL, EXCLUDE USING btree (part WITH =) WHERE (k IS NULL))"
+         part text NOT NULL, loaded bigint, EXCLUDE USING btree (part WITH =) WHERE (k IS NULL))"
     );
 }
 
@@ -319,6 +323,14 @@ fn creates_only_koan_tables() {
         "CREATE TABLE IF NOT EXISTS \"tenant-a\".\"Order#archive\" (\"Id\" bigint PRIMARY KEY, \
          \"Json\" jsonb NOT NULL, \"rev\" jsonb, \"tenant\" text)"
     );
+    let [_, load] = koan_table_statements(&entity, "koan_load_0123456789ab_e", false).expect("ddl");
+    assert_eq!(
+        load,
+        "CREATE TABLE IF NOT EXISTS \"tenant-a\".\"koan_load_0123456789ab_e\" (\"Id\" bigint NOT NULL, \
+         \"Json\" jsonb NOT NULL, \"rev\" jsonb, \"tenant\" text)",
+        "a load table has the target's columns, keyed when it becomes the target"
+    );
+    assert!(koan_table_statements(&entity, "x\"; drop table y", false).is_err());
     entity.key_type = None;
     assert_eq!(
         create_target_statements(&entity)

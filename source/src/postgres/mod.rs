@@ -12,6 +12,7 @@
 //! - `restore`: restores into this database: [`PgSource::prepare_target`],
 //!   [`PgSource::begin_import`], `replace` mode's staging tables and swap.
 //! - `import`: [`ImportSession`], one import transaction fed by binary `COPY`.
+//! - `load`: `replace` into a missing table, through a load table renamed into place.
 //! - `merge`: every restore statement's text (merge per mode, staging, swap).
 //! - `isolate`: row isolation, finding the rows a set-based write fails on.
 //!
@@ -26,6 +27,7 @@ mod catalog;
 mod copy;
 mod import;
 mod isolate;
+mod load;
 mod merge;
 mod ranges;
 mod restore;
@@ -211,10 +213,14 @@ mod tests {
             };
             send(&source.prepare_target(&entity));
             send(&source.create_staging(&entity, uuid::Uuid::nil()));
+            send(&source.prepare_replace(&entity, uuid::Uuid::nil(), None));
             send(&source.drop_staging(&entity, "koan_stage_x"));
             send(&source.apply_staged(&entity, &target));
-            send(&source.begin_import(&entity, &target));
-            if let Ok(mut session) = source.begin_import(&entity, &target).await {
+            send(&source.begin_import(&entity, &target, crate::StagingForm::Typed));
+            if let Ok(mut session) = source
+                .begin_import(&entity, &target, crate::StagingForm::Typed)
+                .await
+            {
                 send(&session);
                 let line = ImportLine {
                     line_no: 1,
@@ -227,7 +233,10 @@ mod tests {
                 send(&session.push(&line));
                 send(&session.commit());
             }
-            if let Ok(session) = source.begin_import(&entity, &target).await {
+            if let Ok(session) = source
+                .begin_import(&entity, &target, crate::StagingForm::Typed)
+                .await
+            {
                 send(&session.abort());
             }
             if let Ok(holder) = source.open_snapshot().await {

@@ -1,5 +1,6 @@
 //! Restores into a PostgreSQL target: checking (or creating) the target table,
-//! opening imports, and `replace` mode's staging tables and final swap.
+//! opening imports, and `replace` mode's staging tables, load tables
+//! (`load.rs`) and final swap.
 //!
 //! Every statement that writes the target resolves the key type and columns
 //! against the *target* catalog first, whatever the archived spec says.
@@ -7,6 +8,7 @@
 use koan_protocol::ProtocolError;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::jobs::RestoreTarget;
+use koan_protocol::names::quote_ident;
 use koan_protocol::plan::{EntitySpec, KeyType, Layout};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -16,9 +18,10 @@ use crate::postgres::PgSource;
 use crate::postgres::catalog;
 use crate::postgres::import::{Destination, ImportSession};
 use crate::postgres::isolate::{Written, is_row_error, write_rows};
+use crate::postgres::load::{self, LoadTable};
 use crate::postgres::merge::{self, COLUMNS_QUERY, MergeSql, RowsFrom};
 use crate::postgres::session::Session;
-use crate::rows::ApplyOutcome;
+use crate::rows::{ApplyOutcome, StagingForm};
 
 /// Why a missing relational table is not created.
 const RELATIONAL_HINT: &str = "a restore cannot create a relational table from an archive \
@@ -73,16 +76,85 @@ impl PgSource {
         Ok(table)
     }
 
+    /// `replace` mode, when a restore is planned: checks the target and
+    /// creates the restore's staging table (as [`Self::create_staging`]);
+    /// returns `entity` with the target's key type, and the staging table.
+    ///
+    /// A missing Koan-layout target whose documents are written as archived
+    /// is not created: a *load table* of its final shape is, beside the
+    /// staging table, and the parts are loaded into it typed; the apply
+    /// renames it into place ([`Self::apply_staged`]). A missing target of
+    /// any other entity is created as [`Self::prepare_target`] does.
+    pub async fn prepare_replace(
+        &self,
+        entity: &EntitySpec,
+        operation_id: uuid::Uuid,
+        target_scope: Option<&str>,
+    ) -> Result<(EntitySpec, String), SourceError> {
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        let prepared = match catalog::inspect(session.client(), entity).await {
+            Err(SourceError::MissingTable { .. }) if load::loadable(entity, target_scope) => {
+                let table = merge::staging_table_name(&entity.name, operation_id);
+                let context = format!(
+                    "create load table for entity {} ({}.{} is missing)",
+                    entity.name, entity.schema, entity.table
+                );
+                for statement in LoadTable::create_statements(entity, &table)? {
+                    execute_idempotent(session.client(), &statement, &context).await?;
+                }
+                let statement = merge::create_staging_statement(entity, &table)?;
+                let context = format!("create staging table {table} for entity {}", entity.name);
+                execute_idempotent(session.client(), &statement, &context).await?;
+                tracing::info!(entity = %entity.name, schema = %entity.schema, table = %entity.table,
+                    "target missing: parts are loaded into a table renamed into place when applied");
+                return Ok((entity.clone(), table));
+            }
+            Err(SourceError::MissingTable { .. }) => {
+                drop(session);
+                self.prepare_target(entity).await?
+            }
+            other => other?,
+        };
+        let table = self.create_staging(entity, operation_id).await?;
+        Ok((prepared, table))
+    }
+
     /// Starts importing one part (or a replay batch), in one transaction.
     ///
     /// `target.mode` says how rows are reconciled; with `target.staging_table`
-    /// they go to that `replace` staging table instead. `replace` without a
-    /// staging table is refused (replays of a `replace` restore use `overwrite`).
+    /// they go to that `replace` staging table instead, or, as `form` asks
+    /// and when the restore has one, typed into its load table. `replace`
+    /// without a staging table is refused (replays of a `replace` restore use
+    /// `overwrite`).
     pub async fn begin_import(
         &self,
         entity: &EntitySpec,
         target: &RestoreTarget,
+        form: StagingForm,
     ) -> Result<ImportSession, SourceError> {
+        let session = Session::checkout(&self.pool, &self.target).await?;
+        // With a load table the target does not exist yet: the archived key
+        // type is the load table's.
+        if let (Some(staging), RestoreMode::Replace) = (&target.staging_table, target.mode)
+            && let Some(load) = LoadTable::new(entity, staging, target.target_scope.as_deref())?
+            && load.exists(session.client()).await?
+        {
+            let Some(key_type) = entity.key_type else {
+                return Err(invalid_plan(entity, "the archived entity has no key type"));
+            };
+            let sql = MergeSql::new(entity, key_type, target.target_scope.as_deref(), &[])?;
+            let (context, destination) = match form {
+                StagingForm::Typed => (
+                    format!("import of entity {} into {}", entity.name, load.name()),
+                    Destination::Load(Box::new(load), staging.clone()),
+                ),
+                StagingForm::Text => (
+                    format!("import of entity {} into {staging}", entity.name),
+                    Destination::Staging(staging.clone()),
+                ),
+            };
+            return ImportSession::start(session, sql, destination, context).await;
+        }
         let destination = match (&target.staging_table, target.mode) {
             (Some(table), _) => {
                 merge::check_staging_name(table)?;
@@ -100,10 +172,17 @@ impl PgSource {
             Destination::Target(mode) => {
                 format!("import of entity {} ({})", entity.name, mode.as_str())
             }
-            Destination::Staging(table) => format!("import of entity {} into {table}", entity.name),
+            Destination::Staging(table) | Destination::Load(_, table) => {
+                format!("import of entity {} into {table}", entity.name)
+            }
         };
-        let session = Session::checkout(&self.pool, &self.target).await?;
-        let sql = target_sql(session.client(), entity, target).await?;
+        let sql = match target_sql(session.client(), entity, target).await {
+            Ok(sql) => sql,
+            Err(error) => {
+                session.end_failed(&error).await;
+                return Err(error);
+            }
+        };
         ImportSession::start(session, sql, destination, context).await
     }
 
@@ -113,6 +192,12 @@ impl PgSource {
     /// staging table. Any other failure leaves the target as it was. Once it
     /// has succeeded, the staging table is gone and running it again returns
     /// zero counts; concurrent runs are serialised by a lock on the staging table.
+    ///
+    /// With a load table (the target was missing when the restore was
+    /// planned), the load table becomes the target instead, with its primary
+    /// key, and only rows staged as text are written into it; if the target
+    /// exists by then, or a key was loaded twice, the loaded rows are written
+    /// like staged ones.
     pub async fn apply_staged(
         &self,
         entity: &EntitySpec,
@@ -124,12 +209,11 @@ impl PgSource {
         merge::check_staging_name(staging)?;
         let context = format!("apply of entity {} from {staging}", entity.name);
         let mut session = Session::checkout(&self.pool, &self.target).await?;
-        let sql = target_sql(session.client(), entity, target).await?;
         if let Err(error) = session.begin_write().await {
             session.end_failed(&error).await;
             return Err(error);
         }
-        match apply_on(session.client(), &sql, entity, staging, &context).await {
+        match apply_in(session.client(), entity, target, staging, &context).await {
             Ok(Some(outcome)) => {
                 session.commit().await?;
                 tracing::info!(
@@ -153,9 +237,15 @@ impl PgSource {
         }
     }
 
-    /// Drops a staging table if it exists (only `koan_stage_*` names are accepted).
+    /// Drops a staging table, and the load table beside it, if they exist
+    /// (only `koan_stage_*` names are accepted).
     pub async fn drop_staging(&self, entity: &EntitySpec, table: &str) -> Result<(), SourceError> {
-        let statement = merge::drop_staging_statement(entity, table)?;
+        let load = quote_ident(&load::load_table_name(table)?);
+        let statement = format!(
+            "{}; DROP TABLE IF EXISTS {}.{load}",
+            merge::drop_staging_statement(entity, table)?,
+            quote_ident(&entity.schema)
+        );
         let session = Session::checkout(&self.pool, &self.target).await?;
         session
             .client()
@@ -166,30 +256,60 @@ impl PgSource {
 }
 
 /// The swap, inside the caller's transaction; `None` when the staging table is gone.
+async fn apply_in(
+    client: &Client,
+    entity: &EntitySpec,
+    target: &RestoreTarget,
+    staging: &str,
+    context: &str,
+) -> Result<Option<ApplyOutcome>, SourceError> {
+    let query = |error| SourceError::query(context, error);
+    let lock = format!(
+        "SET LOCAL work_mem = '64MB'; {}",
+        merge::lock_staging_statement(entity, staging)?
+    );
+    match client.batch_execute(&lock).await {
+        Ok(()) => {}
+        Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
+        Err(error) => return Err(query(error)),
+    }
+    let mut loaded = None;
+    if let Some(load) = LoadTable::new(entity, staging, target.target_scope.as_deref())?
+        && load.exists(client).await?
+    {
+        loaded = load.swap(client, entity, staging, context).await?;
+        if loaded.is_none() {
+            load.fold_into_staging(client, entity, staging, context)
+                .await?;
+            for statement in merge::create_target_statements(entity)? {
+                client.batch_execute(&statement).await.map_err(query)?;
+            }
+        }
+    }
+    let sql = target_sql(client, entity, target).await?;
+    apply_on(client, &sql, entity, staging, loaded, context).await
+}
+
+/// Writes the staged rows into the target and drops the staging table. After
+/// a swap (`loaded`: the rows the load table brought), the target holds
+/// exactly what was loaded: nothing is deleted, and the rows staged as text
+/// are written beside the loaded ones, which win a key both hold.
 async fn apply_on(
     client: &Client,
     sql: &MergeSql,
     entity: &EntitySpec,
     staging: &str,
+    loaded: Option<u64>,
     context: &str,
 ) -> Result<Option<ApplyOutcome>, SourceError> {
     let query = |error| SourceError::query(context, error);
-    client
-        .batch_execute("SET LOCAL work_mem = '64MB'")
-        .await
-        .map_err(query)?;
-    match client
-        .batch_execute(&sql.lock_staging_statement(staging))
-        .await
-    {
-        Ok(()) => {}
-        Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
-        Err(error) => return Err(query(error)),
-    }
-    let rows_removed = client
-        .execute(&sql.delete_scope_statement(), &[])
-        .await
-        .map_err(query)?;
+    let rows_removed = match loaded {
+        Some(_) => 0,
+        None => client
+            .execute(&sql.delete_scope_statement(), &[])
+            .await
+            .map_err(query)?,
+    };
     let bounds = client
         .query_one(&sql.bounds_statement(RowsFrom::Staging(staging)), &[])
         .await
@@ -200,12 +320,12 @@ async fn apply_on(
     let written = match (lowest, highest) {
         (Some(lowest), Some(highest)) => {
             let range = (lowest, highest.saturating_add(1));
-            let loaded = if rows_removed == 0 {
+            let bare = if rows_removed == 0 && loaded.is_none() {
                 load_empty(client, sql, staging, range, context).await?
             } else {
                 None
             };
-            match loaded {
+            match bare {
                 Some(written) => written,
                 None => {
                     let rows = RowsFrom::Staging(staging);
@@ -224,7 +344,7 @@ async fn apply_on(
         .await
         .map_err(query)?;
     Ok(Some(ApplyOutcome {
-        rows_written: written.rows_written,
+        rows_written: written.rows_written + loaded.unwrap_or(0),
         rows_skipped,
         rows_removed,
         failures: written.failures,

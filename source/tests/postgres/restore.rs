@@ -6,7 +6,7 @@ use std::time::Instant;
 use koan_protocol::archive::KeyRange;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::plan::{KeyType, Layout, ScopeMatch, VersionSource};
-use koan_source::ApplyOutcome;
+use koan_source::{ApplyOutcome, StagingForm};
 
 use crate::support::{
     Archived, TestDb, archived, count, documents, export_all, import, koan_entity, push_all,
@@ -54,7 +54,7 @@ async fn replace_swaps_only_the_scope_and_a_failed_swap_changes_nothing() {
     );
     let mut target = restore_target(RestoreMode::Replace);
     let error = source
-        .begin_import(&entity, &target)
+        .begin_import(&entity, &target, StagingForm::Typed)
         .await
         .expect_err("replace needs staging");
     assert_eq!(error.code(), "invalid_plan");
@@ -564,13 +564,19 @@ async fn aborted_or_dropped_imports_write_nothing() {
         .map(|key| archived(key, None, &format!(r#"{{"pad": "{}"}}"#, "x".repeat(200))))
         .collect();
 
-    let mut session = source.begin_import(&entity, &target).await.expect("begin");
+    let mut session = source
+        .begin_import(&entity, &target, StagingForm::Typed)
+        .await
+        .expect("begin");
     push_all(&mut session, "p", &rows).await.expect("push");
     assert_eq!(session.rows_staged(), 20_000);
     session.abort().await;
     assert_eq!(count(&db, "SELECT count(*) FROM ab").await, 0);
 
-    let mut session = source.begin_import(&entity, &target).await.expect("begin");
+    let mut session = source
+        .begin_import(&entity, &target, StagingForm::Typed)
+        .await
+        .expect("begin");
     push_all(&mut session, "p", &rows[..100])
         .await
         .expect("push");

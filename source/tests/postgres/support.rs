@@ -7,7 +7,9 @@ use koan_protocol::archive::KeyRange;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::{BackupEntity, BackupPlan, EntitySpec};
-use koan_source::{ImportLine, ImportOutcome, ImportSession, PgSource, RangePlan, SourceError};
+use koan_source::{
+    ImportLine, ImportOutcome, ImportSession, PgSource, RangePlan, SourceError, StagingForm,
+};
 use tokio_postgres::{Client, NoTls};
 
 pub const START_HINT: &str =
@@ -254,7 +256,9 @@ pub async fn import(
     part: &str,
     rows: &[Archived],
 ) -> Result<ImportOutcome, SourceError> {
-    let mut session = source.begin_import(entity, target).await?;
+    let mut session = source
+        .begin_import(entity, target, StagingForm::Typed)
+        .await?;
     if let Err(error) = push_all(&mut session, part, rows).await {
         session.abort().await;
         return Err(error);

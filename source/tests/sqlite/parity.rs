@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::{Consistency, EntitySpec, VersionSource};
-use koan_source::{Backend, ImportOutcome, Source, SourceError};
+use koan_source::{Backend, ImportOutcome, Source, SourceError, StagingForm};
 use serde_json::Value;
 
 use crate::pg_support::TestDb;
@@ -102,7 +102,9 @@ async fn import_via(
     rows: &[Archived],
     first_line: u64,
 ) -> Result<ImportOutcome, SourceError> {
-    let mut session = source.begin_import(entity, target).await?;
+    let mut session = source
+        .begin_import(entity, target, StagingForm::Typed)
+        .await?;
     for (index, row) in rows.iter().enumerate() {
         let raw = row.raw();
         if let Err(error) = session

@@ -17,6 +17,12 @@
 //! 4. Otherwise commit and report `PartImported` with the rows written and
 //!    skipped and every isolated failure (parse failures first).
 //!
+//! A `replace` part is first loaded typed (into the restore's load table,
+//! when it has one); if the source refuses a row of it that way
+//! (`SourceError::RowsRefused`: a key not in canonical form, a document
+//! `jsonb` refuses), nothing of it was written and the part is read again and
+//! staged as text, where the apply judges each row on its own.
+//!
 //! Importing a part twice is harmless: the store's statements are
 //! idempotent (upserts keyed by the entity key). Source errors that may pass
 //! (connection lost, serialization failure) are reported retryable and the
@@ -25,6 +31,7 @@
 
 use koan_protocol::events::{ImportFailed, PartImported, RowFailure, WorkerEvent};
 use koan_protocol::jobs::ImportPart;
+use koan_source::{SourceError, StagingForm};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -60,6 +67,20 @@ enum NotImported {
 impl From<Failure> for NotImported {
     fn from(failure: Failure) -> Self {
         Self::Failed(failure)
+    }
+}
+
+/// Why one attempt at a part did not commit.
+enum Unstaged {
+    /// As the import as a whole.
+    Not(NotImported),
+    /// The part cannot be loaded typed (nothing of it was written): stage it as text.
+    Refused(String),
+}
+
+impl From<Failure> for Unstaged {
+    fn from(failure: Failure) -> Self {
+        Self::Not(NotImported::Failed(failure))
     }
 }
 
@@ -139,6 +160,33 @@ async fn import<S: RestoreStore>(
     job: &ImportPart,
     cancel: &CancellationToken,
 ) -> Result<Imported, NotImported> {
+    let reason = match import_as(store, storage, job, cancel, StagingForm::Typed).await {
+        Ok(imported) => return Ok(imported),
+        Err(Unstaged::Not(not_imported)) => return Err(not_imported),
+        Err(Unstaged::Refused(reason)) => reason,
+    };
+    info!(
+        operation_id = %job.operation_id,
+        entity = %job.entity.name,
+        path = %job.part.path,
+        %reason,
+        "part cannot be loaded typed, staging it as text"
+    );
+    match import_as(store, storage, job, cancel, StagingForm::Text).await {
+        Ok(imported) => Ok(imported),
+        Err(Unstaged::Not(not_imported)) => Err(not_imported),
+        Err(Unstaged::Refused(reason)) => Err(Failure::permanent("rows_refused", reason).into()),
+    }
+}
+
+/// One attempt at the part, staged as `form` asks.
+async fn import_as<S: RestoreStore>(
+    store: &S,
+    storage: &Storage,
+    job: &ImportPart,
+    cancel: &CancellationToken,
+    form: StagingForm,
+) -> Result<Imported, Unstaged> {
     let expected = &job.part;
     let path = expected.path.as_str();
     let mut reader = match PartReader::open(storage, path).await {
@@ -165,7 +213,7 @@ async fn import<S: RestoreStore>(
     }
     let context = || format!("part '{path}' of entity {}", job.entity.name);
     let mut session = store
-        .begin_import(&job.entity, &job.target)
+        .begin_import(&job.entity, &job.target, form)
         .await
         .map_err(|error| Failure::source(&context(), &error))?;
     let mut failures = Vec::new();
@@ -175,7 +223,7 @@ async fn import<S: RestoreStore>(
             biased;
             () = cancel.cancelled() => {
                 session.abort().await;
-                return Err(NotImported::Stopped);
+                return Err(Unstaged::Not(NotImported::Stopped));
             }
             next = reader.next_line() => next,
         };
@@ -191,7 +239,7 @@ async fn import<S: RestoreStore>(
                     .await;
                 if let Err(error) = pushed {
                     session.abort().await;
-                    return Err(Failure::source(&context(), &error).into());
+                    return Err(not_imported(&context(), &error));
                 }
             }
             Err(reason) => {
@@ -259,7 +307,7 @@ async fn import<S: RestoreStore>(
     let outcome = session
         .commit()
         .await
-        .map_err(|error| Failure::source(&context(), &error))?;
+        .map_err(|error| not_imported(&context(), &error))?;
     failures.extend(outcome.failures);
     Ok(Imported {
         rows_written: outcome.rows_written,
@@ -267,6 +315,14 @@ async fn import<S: RestoreStore>(
         failures,
         raw_bytes: digest.raw_bytes,
     })
+}
+
+/// A failed push or commit: a refused typed load is staged again as text.
+fn not_imported(context: &str, error: &SourceError) -> Unstaged {
+    match error {
+        SourceError::RowsRefused { .. } => Unstaged::Refused(error.to_string()),
+        _ => Failure::source(context, error).into(),
+    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,11 @@
 //! 2. Entities: those named by the job (an unknown name fails the restore,
 //!    `unknown_entity`), or all, in manifest order.
 //! 3. For each: `prepare_target` (creates a missing Koan-layout table; its
-//!    errors name the entity and table); the target's key type must equal
-//!    the archived one (`key_type_mismatch`, naming the column); in `replace`
-//!    mode a staging table is created.
+//!    errors name the entity and table), or in `replace` mode
+//!    `prepare_replace` (the same check, then the staging table; a missing
+//!    Koan-layout table becomes a load table, renamed into place when
+//!    applied); the target's key type must equal the archived one
+//!    (`key_type_mismatch`, naming the column).
 //! 4. `RestorePlanned` lists each entity as archived, with its staging table
 //!    and every part in manifest order (chunk by chunk): a part's index is
 //!    its import unit.
@@ -117,10 +119,20 @@ async fn plan_entities<S: RestoreStore>(
             "entity {} (table {}.{})",
             spec.name, spec.schema, spec.table
         );
-        let prepared = store
-            .prepare_target(spec)
-            .await
-            .map_err(|error| Failure::source(&what, &error))?;
+        let (prepared, staging_table) = if job.mode == RestoreMode::Replace {
+            let (prepared, table) = store
+                .prepare_replace(spec, job.operation_id, job.target_scope.as_deref())
+                .await
+                .map_err(|error| Failure::source(&what, &error))?;
+            staged.push((spec.clone(), table.clone()));
+            (prepared, Some(table))
+        } else {
+            let prepared = store
+                .prepare_target(spec)
+                .await
+                .map_err(|error| Failure::source(&what, &error))?;
+            (prepared, None)
+        };
         if let (Some(archived_type), Some(target_type)) = (spec.key_type, prepared.key_type)
             && archived_type != target_type
         {
@@ -134,16 +146,6 @@ async fn plan_entities<S: RestoreStore>(
                 ),
             ));
         }
-        let staging_table = if job.mode == RestoreMode::Replace {
-            let table = store
-                .create_staging(spec, job.operation_id)
-                .await
-                .map_err(|error| Failure::source(&format!("{what}: staging table"), &error))?;
-            staged.push((spec.clone(), table.clone()));
-            Some(table)
-        } else {
-            None
-        };
         let parts = archived
             .chunks
             .iter()

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use koan_protocol::commands::RestoreMode;
 use koan_protocol::events::{ReplayDone, ReplayFailure, RowFailure, WorkerEvent};
 use koan_protocol::jobs::{ReplayJob, RestoreTarget};
+use koan_source::StagingForm;
 use tracing::{info, warn};
 
 use super::target::{ImportWriter, RestoreStore};
@@ -123,7 +124,7 @@ async fn write<S: RestoreStore>(
     };
     let target = replay_target(&job.target);
     let mut session = store
-        .begin_import(&job.entity, &target)
+        .begin_import(&job.entity, &target, StagingForm::Text)
         .await
         .map_err(|error| Failure::source(&context(), &error))?;
     for (index, raw, line) in parsed {

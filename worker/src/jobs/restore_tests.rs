@@ -10,7 +10,7 @@ use koan_protocol::events::{RowFailure, WorkerEvent};
 use koan_protocol::jobs::{ApplyRestore, ImportPart, ReplayJob, ReplayLine, RestoreTarget};
 use koan_protocol::plan::{BackupEntity, BackupPlan, EntitySpec, KeyType};
 use koan_protocol::topology::JOB_DELIVERY_LIMIT;
-use koan_source::{ApplyOutcome, ImportLine, ImportOutcome, SourceError};
+use koan_source::{ApplyOutcome, ImportLine, ImportOutcome, SourceError, StagingForm};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -32,6 +32,11 @@ struct FakeState {
     rejected_keys: Vec<String>,
     /// Fail `begin_import` with a retryable error this many times.
     unreachable_times: usize,
+    /// Refuse the first push of this many typed imports, as a source whose
+    /// load table cannot take a row would.
+    refuse_typed: usize,
+    /// The form of each import begun.
+    forms: Vec<StagingForm>,
     staging_dropped: Vec<String>,
     apply_error: bool,
 }
@@ -57,6 +62,8 @@ fn unreachable() -> SourceError {
 struct FakeSession {
     store: FakeStore,
     rows: Vec<(u64, Row, String)>,
+    /// The first push fails with `RowsRefused`.
+    refuse: bool,
 }
 
 impl RestoreStore for FakeStore {
@@ -66,16 +73,14 @@ impl RestoreStore for FakeStore {
         Ok(entity.clone())
     }
 
-    async fn create_staging(
+    async fn prepare_replace(
         &self,
         entity: &EntitySpec,
         operation_id: Uuid,
-    ) -> Result<String, SourceError> {
-        Ok(format!(
-            "koan_staging_{}_{}",
-            entity.name,
-            operation_id.simple()
-        ))
+        _target_scope: Option<&str>,
+    ) -> Result<(EntitySpec, String), SourceError> {
+        let table = format!("koan_staging_{}_{}", entity.name, operation_id.simple());
+        Ok((entity.clone(), table))
     }
 
     async fn drop_staging(&self, _entity: &EntitySpec, table: &str) -> Result<(), SourceError> {
@@ -87,15 +92,22 @@ impl RestoreStore for FakeStore {
         &self,
         _entity: &EntitySpec,
         _target: &RestoreTarget,
+        form: StagingForm,
     ) -> Result<FakeSession, SourceError> {
         let mut state = self.state();
+        state.forms.push(form);
         if state.unreachable_times > 0 {
             state.unreachable_times -= 1;
             return Err(unreachable());
         }
+        let refuse = form == StagingForm::Typed && state.refuse_typed > 0;
+        if refuse {
+            state.refuse_typed -= 1;
+        }
         Ok(FakeSession {
             store: self.clone(),
             rows: Vec::new(),
+            refuse,
         })
     }
 
@@ -122,6 +134,15 @@ impl RestoreStore for FakeStore {
 
 impl ImportWriter for FakeSession {
     async fn push(&mut self, line: &ImportLine<'_>) -> Result<(), SourceError> {
+        if self.refuse {
+            return Err(SourceError::RowsRefused {
+                context: "import of entity orders into koan_load_x".into(),
+                reason: format!(
+                    "line {}: a \\u escape, which jsonb may refuse",
+                    line.line_no
+                ),
+            });
+        }
         self.store.state().pushed_lines.push(line.line_no);
         self.rows.push((
             line.line_no,
@@ -296,6 +317,41 @@ async fn imports_a_part_and_isolates_unparsable_lines() {
         )
     );
     assert_eq!(state.aborted, 0);
+}
+
+#[tokio::test]
+async fn a_part_refused_as_typed_is_read_again_and_staged_as_text() {
+    let storage = memory_storage();
+    let part = store_part(
+        &storage,
+        "b/s/p/x/entities/orders/000001-0000-r.jsonl.zst",
+        &lines(6),
+    )
+    .await;
+    let store = FakeStore::default();
+    store.state().refuse_typed = 1;
+    let mut job = import_job(part.clone());
+    job.target.mode = RestoreMode::Replace;
+    job.target.staging_table = Some("koan_stage_x_orders".into());
+    let (outcome, events) = run_import(&store, &storage, &job, 0).await;
+    assert_eq!(outcome, Outcome::Ack);
+    let [WorkerEvent::PartImported(imported)] = events.as_slice() else {
+        panic!("{events:?}");
+    };
+    assert_eq!(
+        (imported.rows_written, imported.raw_bytes),
+        (6, part.raw_bytes)
+    );
+    assert!(imported.failures.is_empty());
+    let state = store.state();
+    assert_eq!(state.forms, [StagingForm::Typed, StagingForm::Text]);
+    assert_eq!(state.aborted, 1, "the refused attempt is rolled back");
+    assert_eq!(
+        state.committed.len(),
+        6,
+        "every row once, from the text attempt"
+    );
+    assert_eq!(state.pushed_lines, [1, 2, 3, 4, 5, 6]);
 }
 
 #[tokio::test]

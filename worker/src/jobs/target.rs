@@ -10,7 +10,7 @@ use std::future::Future;
 use koan_protocol::jobs::RestoreTarget;
 use koan_protocol::plan::EntitySpec;
 use koan_source::{
-    ApplyOutcome, ImportLine, ImportOutcome, Source, SourceError, SourceImportSession,
+    ApplyOutcome, ImportLine, ImportOutcome, Source, SourceError, SourceImportSession, StagingForm,
 };
 use uuid::Uuid;
 
@@ -29,12 +29,17 @@ pub trait RestoreStore: Send + Sync {
         entity: &EntitySpec,
     ) -> impl Future<Output = Result<EntitySpec, SourceError>> + Send;
 
-    /// `replace` mode: creates the staging table of `entity` for `operation_id`; returns its name.
-    fn create_staging(
+    /// `replace` mode: checks the target as [`Self::prepare_target`] does
+    /// (or, for a missing Koan-layout table, prepares a load table that
+    /// becomes it when applied) and creates the staging table of `entity`
+    /// for `operation_id`; returns the entity with the target's key type,
+    /// and the staging table's name.
+    fn prepare_replace(
         &self,
         entity: &EntitySpec,
         operation_id: Uuid,
-    ) -> impl Future<Output = Result<String, SourceError>> + Send;
+        target_scope: Option<&str>,
+    ) -> impl Future<Output = Result<(EntitySpec, String), SourceError>> + Send;
 
     /// Drops a staging table (a missing one is not an error).
     fn drop_staging(
@@ -43,11 +48,13 @@ pub trait RestoreStore: Send + Sync {
         table: &str,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
-    /// Opens the transaction one part is imported in.
+    /// Opens the transaction one part is imported in; `form` says how a
+    /// `replace` import stages it (typed into a load table when there is one).
     fn begin_import(
         &self,
         entity: &EntitySpec,
         target: &RestoreTarget,
+        form: StagingForm,
     ) -> impl Future<Output = Result<Self::Session, SourceError>> + Send;
 
     /// `replace` mode: replaces the scope's rows with the staged ones, in one transaction.
@@ -94,12 +101,13 @@ impl RestoreStore for Source {
         Source::prepare_target(self, entity).await
     }
 
-    async fn create_staging(
+    async fn prepare_replace(
         &self,
         entity: &EntitySpec,
         operation_id: Uuid,
-    ) -> Result<String, SourceError> {
-        Source::create_staging(self, entity, operation_id).await
+        target_scope: Option<&str>,
+    ) -> Result<(EntitySpec, String), SourceError> {
+        Source::prepare_replace(self, entity, operation_id, target_scope).await
     }
 
     async fn drop_staging(&self, entity: &EntitySpec, table: &str) -> Result<(), SourceError> {
@@ -110,8 +118,9 @@ impl RestoreStore for Source {
         &self,
         entity: &EntitySpec,
         target: &RestoreTarget,
+        form: StagingForm,
     ) -> Result<SourceImportSession, SourceError> {
-        Source::begin_import(self, entity, target).await
+        Source::begin_import(self, entity, target, form).await
     }
 
     async fn apply_staged(
